@@ -1,0 +1,31 @@
+# `make run` and `make test` set everything up on a fresh machine (a .venv at the repo root).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+ARGS   ?=
+PYTEST_ARGS ?=
+
+.PHONY: install run test bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: install
+	$(PY) -m cl_inversion $(ARGS)
+
+test: install
+	WANDB_MODE=offline $(PY) -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(PY) -m benchmarks.run_all
+
+lint: install
+	$(PY) -m ruff check cl_inversion tests benchmarks
+
+clean:
+	rm -rf outputs/*/ multirun/ lightning_logs/ wandb/

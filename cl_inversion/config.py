@@ -1,0 +1,39 @@
+"""Structured-config schema: typos and wrong types in the top-level keys fail at composition time.
+
+Group contents (dataset/backbone/method/trainer/logger) are checked where they are built: their
+`_target_` signatures reject unknown keys.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ScenarioConfig:
+    n_tasks: int = 5
+    first_task_classes: int | None = None
+    class_order_seed: int | None = None  # null: use `seed`
+    class_order: list[int] | None = None  # explicit order, overrides the seeded permutation
+
+
+@dataclass
+class RunConfig:
+    dataset: Any = MISSING
+    backbone: Any = MISSING
+    method: Any = MISSING
+    trainer: Any = MISSING
+    logger: Any = None
+    optimizer: Any = MISSING
+    scheduler: Any = None
+    scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
+    seed: int = 0
+    resume: bool = False
+    checkpoint: bool = True
+    experiment_name: str | None = None
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)

@@ -1,0 +1,234 @@
+"""Datasets as in-memory tensors with a normalisation the inversion engines can undo.
+
+Every dataset is loaded once into a `TensorImageDataset` (uint8 or float images + int targets) so that
+per-epoch cost is tensor augmentation only, never JPEG decoding or PIL conversions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from cl_inversion.errors import ConfigError
+
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+
+class TensorImageDataset(Dataset):
+    """Images (uint8 in [0,255] or float in [0,1]) + targets; normalises and augments on access."""
+
+    def __init__(
+        self,
+        images: Tensor,
+        targets: Tensor,
+        mean: Sequence[float],
+        std: Sequence[float],
+        augment: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
+        self.images = images
+        self.targets = targets.long()
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        image = self.images[index]
+        image = image.float().div_(255.0) if image.dtype == torch.uint8 else image.float()
+        if self.augment is not None:
+            image = self.augment(image)
+        return (image - self.mean) / self.std, self.targets[index]
+
+    def with_targets(self, targets: Tensor) -> TensorImageDataset:
+        """Same images, relabelled (the scenario maps class ids to their position in the class order)."""
+        return TensorImageDataset(self.images, targets, self.mean.flatten().tolist(),
+                                  self.std.flatten().tolist(), self.augment)
+
+
+def crop_flip(padding: int = 4) -> Callable[[Tensor], Tensor]:
+    """Random crop with zero padding + horizontal flip: the CIFAR augmentation of ABD / R-DFCIL."""
+
+    def augment(image: Tensor) -> Tensor:
+        _, h, w = image.shape
+        padded = torch.nn.functional.pad(image, (padding,) * 4)
+        top, left = (int(v) for v in torch.randint(0, 2 * padding + 1, (2,)))
+        image = padded[:, top : top + h, left : left + w]
+        if torch.rand(()) < 0.5:
+            image = image.flip(-1)
+        return image
+
+    return augment
+
+
+@dataclass
+class DatasetBundle:
+    """What a scenario needs from a dataset."""
+
+    name: str
+    train: TensorImageDataset
+    test: TensorImageDataset
+    class_names: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
+
+    def pixel_range(self) -> tuple[Tensor, Tensor]:
+        """Per-channel (low, high) of normalised pixels: the box synthetic images are clamped to."""
+        mean = torch.tensor(self.mean).view(-1, 1, 1)
+        std = torch.tensor(self.std).view(-1, 1, 1)
+        return (0 - mean) / std, (1 - mean) / std
+
+
+def digits(test_fraction: float = 0.25, split_seed: int = 0) -> DatasetBundle:
+    """scikit-learn's bundled 8x8 digits (1797 images, no download), stratified train/test split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    images = torch.tensor(data.images, dtype=torch.float32).div_(16.0).unsqueeze(1)
+    targets = torch.tensor(data.target)
+    train_idx, test_idx = train_test_split(
+        np.arange(len(targets)), test_size=test_fraction, stratify=data.target, random_state=split_seed
+    )
+    mean, std = (float(images[train_idx].mean()),), (float(images[train_idx].std()),)
+    return DatasetBundle(
+        name="digits",
+        train=TensorImageDataset(images[train_idx], targets[train_idx], mean, std),
+        test=TensorImageDataset(images[test_idx], targets[test_idx], mean, std),
+        class_names=list(DIGIT_NAMES),
+        mean=mean,
+        std=std,
+    )
+
+
+def _check_root(root: str | os.PathLike, field: str, how_to_get: str) -> Path:
+    path = Path(root).expanduser()
+    if not path.exists():
+        raise ConfigError(f"{field}={str(root)!r} does not exist; {how_to_get}")
+    return path
+
+
+def _cifar(name: str, root: str, download: bool, augment: bool) -> DatasetBundle:
+    import torchvision
+
+    if not download:
+        _check_root(root, "dataset.root", "set dataset.download=true to fetch it, or point dataset.root "
+                    f"at a folder holding the torchvision {name} files")
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    try:
+        train = cls(root, train=True, download=download)
+        test = cls(root, train=False, download=download)
+    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
+        raise ConfigError(f"dataset.root={root!r}: {err} Set dataset.download=true to fetch {name}.") from None
+
+    def as_tensor(split) -> tuple[Tensor, Tensor]:
+        return torch.from_numpy(split.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(split.targets)
+
+    (xtr, ytr), (xte, yte) = as_tensor(train), as_tensor(test)
+    return DatasetBundle(
+        name=name,
+        train=TensorImageDataset(xtr, ytr, CIFAR_MEAN, CIFAR_STD, crop_flip() if augment else None),
+        test=TensorImageDataset(xte, yte, CIFAR_MEAN, CIFAR_STD),
+        class_names=list(train.classes),
+        mean=CIFAR_MEAN,
+        std=CIFAR_STD,
+    )
+
+
+def cifar10(root: str = "data", download: bool = False, augment: bool = True) -> DatasetBundle:
+    """torchvision CIFAR-10 (set `download=true` to fetch it into `root`)."""
+    return _cifar("cifar10", root, download, augment)
+
+
+def cifar100(root: str = "data", download: bool = False, augment: bool = True) -> DatasetBundle:
+    """torchvision CIFAR-100 (set `download=true` to fetch it into `root`)."""
+    return _cifar("cifar100", root, download, augment)
+
+
+def _decode_folder(folder: Path, class_names: list[str], image_size: int | None) -> tuple[Tensor, Tensor]:
+    from PIL import Image
+
+    images, targets = [], []
+    for label, name in enumerate(class_names):
+        for file in sorted((folder / name).iterdir()):
+            with Image.open(file) as img:
+                img = img.convert("RGB")
+                if image_size is not None and img.size != (image_size, image_size):
+                    img = img.resize((image_size, image_size), Image.BILINEAR)
+                images.append(torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()))
+            targets.append(label)
+    return torch.stack(images).permute(0, 3, 1, 2).contiguous(), torch.tensor(targets)
+
+
+def _atomic_torch_save(obj: object, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        torch.save(obj, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def imagefolder(
+    root: str,
+    image_size: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    augment: bool = True,
+    cache: bool = True,
+) -> DatasetBundle:
+    """Any `root/train/<class>/*` + `root/test/<class>/*` tree (CIFAR-10 JPEG copy, Tiny-ImageNet...).
+
+    Images are decoded once; with `cache=true` the decoded uint8 tensors are kept in
+    `~/.cache/cl_inversion` keyed by the folder's path and size, so later runs start in a second.
+    """
+    base = _check_root(root, "dataset.root", "expected a folder with train/ and test/ class sub-folders")
+    for split in ("train", "test"):
+        if not (base / split).is_dir():
+            raise ConfigError(f"dataset.root={root!r} has no {split}/ folder of class sub-folders")
+    class_names = sorted(p.name for p in (base / "train").iterdir() if p.is_dir())
+    key = hashlib.sha1(f"{base.resolve()}|{image_size}|{len(class_names)}".encode()).hexdigest()[:16]
+    cache_file = Path(os.environ.get("CL_INVERSION_CACHE", "~/.cache/cl_inversion")).expanduser() / f"{key}.pt"
+    if cache and cache_file.exists():
+        blob = torch.load(cache_file)
+    else:
+        blob = {
+            "train": _decode_folder(base / "train", class_names, image_size),
+            "test": _decode_folder(base / "test", class_names, image_size),
+        }
+        if cache:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_torch_save(blob, cache_file)
+    (xtr, ytr), (xte, yte) = blob["train"], blob["test"]
+    if mean is None or std is None:
+        sample = xtr[:: max(1, len(xtr) // 5000)].float().div(255)
+        mean = tuple(sample.mean(dim=(0, 2, 3)).tolist())
+        std = tuple(sample.std(dim=(0, 2, 3)).tolist())
+    mean, std = tuple(mean), tuple(std)
+    return DatasetBundle(
+        name=base.name,
+        train=TensorImageDataset(xtr, ytr, mean, std, crop_flip() if augment else None),
+        test=TensorImageDataset(xte, yte, mean, std),
+        class_names=class_names,
+        mean=mean,
+        std=std,
+    )

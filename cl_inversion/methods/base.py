@@ -1,0 +1,123 @@
+"""`ContinualModule`: the part of every method that is not its loss.
+
+The task loop calls `begin_task` (grows the head, runs `on_task_start`) before a task's `Trainer.fit`
+and `end_task` (runs `on_task_end`, the between-task hook) after it. A method overrides `loss` and,
+where it needs one, the two hooks; state a hook creates that must survive a resume goes through
+`extra_state` / `load_extra_state`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cl_inversion.models.head import IncrementalClassifier
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+class ContinualModule(L.LightningModule):
+    """Base class of all methods: owns the network, the task bookkeeping, logging and optimisers."""
+
+    #: train on the union of all tasks seen so far (the joint upper bound) instead of the current task
+    uses_all_data: bool = False
+
+    def __init__(self, net: IncrementalClassifier, optimizer: OptimizerFactory,
+                 scheduler: Callable[[torch.optim.Optimizer], Any] | None = None) -> None:
+        super().__init__()
+        self.net = net
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.task = -1
+        self.task_sizes: list[int] = []
+        self.is_last_task = False
+        self.replay = None  # set by an inversion callback: `.sample(n) -> (images, labels)`
+
+    # --- bookkeeping -------------------------------------------------------------------------------
+    @property
+    def n_seen(self) -> int:
+        """Classes seen so far, including the current task's (outputs 0..n_seen-1)."""
+        return sum(self.task_sizes)
+
+    @property
+    def n_old(self) -> int:
+        """Classes of earlier tasks (outputs 0..n_old-1)."""
+        return sum(self.task_sizes[:-1])
+
+    def begin_task(self, task_index: int, n_new_classes: int, datamodule: L.LightningDataModule,
+                   is_last: bool = False) -> None:
+        self.task = task_index
+        self.is_last_task = is_last
+        self.task_sizes.append(n_new_classes)
+        self.net.head.grow(n_new_classes)
+        self.on_task_start(datamodule)
+
+    def end_task(self, datamodule: L.LightningDataModule) -> None:
+        self.on_task_end(datamodule)
+
+    def on_task_start(self, datamodule: L.LightningDataModule) -> None:
+        """Hook before training a task (the head already has the new outputs)."""
+
+    def on_task_end(self, datamodule: L.LightningDataModule) -> None:
+        """Between-task hook, after training a task and before its evaluation and checkpoint."""
+
+    def extra_state(self) -> dict[str, Any]:
+        """Method state beyond `net` that a checkpoint must carry (e.g. a Fisher matrix)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Inverse of `extra_state`; called on resume after `net` has its weights back."""
+
+    def frozen_copy(self) -> nn.Module:
+        """A frozen copy of the current network, e.g. as the previous model to distil from."""
+        previous = copy.deepcopy(self.net).eval()
+        previous.requires_grad_(False)
+        return previous
+
+    # --- training ----------------------------------------------------------------------------------
+    def loss(self, x: Tensor, y: Tensor) -> Tensor | dict[str, Tensor]:
+        """The method's training loss on one batch; a dict must hold the total under "loss"."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        out = self.loss(x, y)
+        terms = out if isinstance(out, dict) else {"loss": out}
+        self.log_dict({f"task_{self.task}/{k}": v.detach() for k, v in terms.items()},
+                      on_step=False, on_epoch=True, prog_bar=False, batch_size=len(y))
+        self.log("loss", terms["loss"].detach(), on_step=True, on_epoch=False, prog_bar=True, logger=False)
+        return terms["loss"]
+
+    def trainable_parameters(self) -> Iterable[nn.Parameter]:
+        return (p for p in self.net.parameters() if p.requires_grad)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.trainable_parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
+
+    # --- shared loss pieces ------------------------------------------------------------------------
+    def seen_cross_entropy(self, logits: Tensor, y: Tensor) -> Tensor:
+        """Cross-entropy over all classes seen so far (task-agnostic)."""
+        return F.cross_entropy(logits[:, : self.n_seen], y)
+
+    def local_cross_entropy(self, logits: Tensor, y: Tensor) -> Tensor:
+        """Cross-entropy over the current task's outputs only (labels shifted to that slice)."""
+        return F.cross_entropy(logits[:, self.n_old : self.n_seen], y - self.n_old)
+
+
+def distillation(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """Knowledge distillation: soft cross-entropy at temperature T, scaled by T² (Hinton et al.)."""
+    log_p = F.log_softmax(student_logits / temperature, dim=1)
+    q = F.softmax(teacher_logits / temperature, dim=1)
+    return -(q * log_p).sum(dim=1).mean() * temperature**2

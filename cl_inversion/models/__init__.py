@@ -1,0 +1,4 @@
+from cl_inversion.models.backbones import Backbone, CifarResNet, ResNet18, SmallCNN
+from cl_inversion.models.head import IncrementalClassifier, IncrementalLinear
+
+__all__ = ["Backbone", "CifarResNet", "ResNet18", "SmallCNN", "IncrementalClassifier", "IncrementalLinear"]
