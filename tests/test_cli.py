@@ -1,0 +1,52 @@
+"""The whole program through its CLI, on digits."""
+
+import torch
+
+from conftest import FAST, read_results
+
+
+def test_default_run_writes_results_and_checkpoints(cli, tmp_path):
+    proc = cli(*FAST, run_dir=tmp_path)
+    res = read_results(tmp_path)
+    matrix = res["accuracy_matrix"]
+    assert [len(r) for r in matrix] == [1, 2, 3, 4, 5]
+    for key in ("final_accuracy", "average_incremental_accuracy", "forgetting", "backward_transfer",
+                "old_class_accuracy", "new_class_accuracy", "task_aware_accuracy", "class_order", "seed",
+                "config"):
+        assert key in res, key
+    assert res["status"] == "completed" and res["config"]["scenario"]["n_tasks"] == 5
+    assert sorted(res["class_order"]) == list(range(10))
+    assert res["final_accuracy"] == sum(matrix[-1]) / 5
+    assert all((tmp_path / "checkpoints" / f"task_{t}.ckpt").exists() for t in range(5))
+    ckpt = torch.load(tmp_path / "checkpoints" / "task_4.ckpt", weights_only=False)
+    assert ckpt["task_sizes"] == [2, 2, 2, 2, 2]
+    assert "task 5/5" in proc.stderr + proc.stdout
+    assert (tmp_path / "logs" / "metrics.csv").exists()
+
+
+def test_same_seed_same_matrix_other_seed_other_order(cli, tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    cli(*FAST, "method=lwf", "scenario.n_tasks=2", run_dir=a)
+    cli(*FAST, "method=lwf", "scenario.n_tasks=2", run_dir=b)
+    cli(*FAST, "method=lwf", "scenario.n_tasks=2", "seed=1", run_dir=c)
+    ra, rb, rc = read_results(a), read_results(b), read_results(c)
+    assert ra["accuracy_matrix"] == rb["accuracy_matrix"]
+    assert ra["class_order"] != rc["class_order"] and rc["seed"] == 1
+
+
+def test_first_task_classes_and_joint_upper_bound(cli, tmp_path):
+    cli("trainer.enable_progress_bar=false", "method=joint", "scenario.n_tasks=3",
+        "scenario.first_task_classes=4", run_dir=tmp_path)
+    res = read_results(tmp_path)
+    assert [len(r) for r in res["accuracy_matrix"]] == [1, 2, 3]
+    assert res["per_task"][0]["classes"] == res["class_order"][:4]
+    assert res["final_accuracy"] >= 95
+
+
+def test_python_api_runs_the_same_experiment(compose, tmp_path):
+    from cl_inversion.run import run
+
+    cfg = compose(["trainer.max_epochs=1", "trainer.enable_progress_bar=false", "scenario.n_tasks=2",
+                   "logger=none"])
+    res = run(cfg, run_dir=tmp_path)
+    assert len(res["accuracy_matrix"]) == 2 and (tmp_path / "results.json").exists()
