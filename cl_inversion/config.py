@@ -28,6 +28,7 @@ class RunConfig:
     logger: Any = None
     optimizer: Any = MISSING
     scheduler: Any = None
+    inversion: Any = None
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
     seed: int = 0
     resume: bool = False

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from cl_inversion.data.datasets import DatasetBundle
 from cl_inversion.data.scenario import ClassIncrementalScenario
 from cl_inversion.errors import ConfigError
+from cl_inversion.inversion.callback import ContinualCallback, TaskContext
 from cl_inversion.io import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint, write_json
 from cl_inversion.methods.base import ContinualModule
 from cl_inversion.metrics import evaluate, summary
@@ -61,6 +62,19 @@ def build_method(cfg: DictConfig) -> ContinualModule:
     net = IncrementalClassifier(instantiate(cfg.backbone))
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     return instantiate(cfg.method, net=net, optimizer=instantiate(cfg.optimizer), scheduler=scheduler)
+
+
+def build_callbacks(cfg: DictConfig, method: ContinualModule) -> list[L.Callback]:
+    """The inversion callback when the method names a synthesis engine (`method.inversion`)."""
+    name = method.inversion
+    if not name:
+        return []
+    engines = {k: v for k, v in cfg.inversion.items() if isinstance(v, DictConfig) and "_target_" in v}
+    if name not in engines:
+        raise ConfigError(f"method.inversion={name!r} is not a synthesis engine; choose one of {sorted(engines)}")
+    from cl_inversion.inversion import InversionCallback
+
+    return [InversionCallback(instantiate(engines[name]), n_images=cfg.inversion.n_images, grid=cfg.inversion.grid)]
 
 
 def build_logger(cfg: DictConfig, run_dir: Path) -> Any:
@@ -122,6 +136,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     scenario = build_scenario(cfg, bundle)
     method = build_method(cfg)
     logger = build_logger(cfg, run_dir)
+    callbacks = build_callbacks(cfg, method)
 
     results: dict[str, Any] = {
         "status": "running",
@@ -149,7 +164,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         diff = _config_diff(state["results"]["config"], config)
         if diff:
             raise ConfigError(f"resume=true but the config differs from the checkpoint's in: {', '.join(diff)}")
-        restore(method, state)
+        restore(method, state, callbacks)
         results = state["results"]
         start = state["task"] + 1
         log.info(f"resuming {run_dir} after task {state['task']} ({ckpt_path.name})")
@@ -165,11 +180,18 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             method.begin_task(t, len(task.classes), datamodule, is_last=t == len(scenario) - 1)
             if t > start:  # Lightning's per-Trainer device banner, once per run is enough
                 logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-            trainer: L.Trainer = instantiate(cfg.trainer, logger=logger, default_root_dir=str(run_dir))
+            trainer: L.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks,
+                                             default_root_dir=str(run_dir))
             began = time.perf_counter()
             trainer.fit(method, datamodule=datamodule)
-            method.end_task(datamodule)
             train_s = time.perf_counter() - began
+            method.end_task(datamodule)
+            context = TaskContext(t, run_dir, logger, datamodule, bundle.image_shape, bundle.pixel_range(),
+                                  bundle.mean, bundle.std)
+            for callback in callbacks:
+                if isinstance(callback, ContinualCallback):
+                    callback.on_task_end(method, context)
+                    results.update(callback.results())
 
             device = trainer.strategy.root_device
             method.net.to(device)
@@ -192,7 +214,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
                                    step=t)
             if trainer.is_global_zero:
                 if cfg.checkpoint:
-                    save_checkpoint(run_dir / "checkpoints" / f"task_{t}.ckpt", checkpoint_state(method, t, results))
+                    save_checkpoint(run_dir / "checkpoints" / f"task_{t}.ckpt", checkpoint_state(method, t, results, callbacks))
                 write_json(results_path, results)
             log.info(f"task {t + 1}/{len(scenario)} | classes {task.original_classes} | "
                      f"avg acc {results['per_task'][-1]['average_accuracy']:.2f} | "
@@ -222,18 +244,21 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def checkpoint_state(method: ContinualModule, task: int, results: dict[str, Any]) -> dict[str, Any]:
+def checkpoint_state(method: ContinualModule, task: int, results: dict[str, Any],
+                     callbacks: list[L.Callback]) -> dict[str, Any]:
+    """Everything a resumed run needs after `task`; callbacks with state are stored by class name."""
     return {
         "format": CHECKPOINT_FORMAT,
         "task": task,
         "task_sizes": list(method.task_sizes),
         "net": method.net.state_dict(),
         "method": method.extra_state(),
+        "callbacks": {type(cb).__name__: cb.state_dict() for cb in callbacks},
         "results": results,
     }
 
 
-def restore(method: ContinualModule, state: dict[str, Any]) -> None:
+def restore(method: ContinualModule, state: dict[str, Any], callbacks: list[L.Callback]) -> None:
     """Put a method back in its state after `state['task']` (head rebuilt before loading weights)."""
     for size in state["task_sizes"]:
         method.net.head.grow(size)
@@ -241,3 +266,7 @@ def restore(method: ContinualModule, state: dict[str, Any]) -> None:
     method.task = state["task"]
     method.net.load_state_dict(state["net"])
     method.load_extra_state(state["method"])
+    for cb in callbacks:
+        cb.load_state_dict(state["callbacks"].get(type(cb).__name__, {}))
+        if isinstance(cb, ContinualCallback):
+            cb.on_restore(method)

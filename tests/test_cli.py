@@ -1,7 +1,6 @@
 """The whole program through its CLI, on digits."""
 
 import torch
-
 from conftest import FAST, read_results
 
 

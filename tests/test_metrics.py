@@ -2,8 +2,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from cl_inversion.metrics import (average_incremental_accuracy, backward_transfer, evaluate,
-                                  final_average_accuracy, forgetting)
+from cl_inversion.metrics import (
+    average_incremental_accuracy,
+    backward_transfer,
+    evaluate,
+    final_average_accuracy,
+    forgetting,
+)
 
 MATRIX = [[90.0], [70.0, 80.0], [50.0, 60.0, 100.0]]
 

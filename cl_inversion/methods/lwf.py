@@ -12,7 +12,6 @@ class LwF(ContinualModule):
         super().__init__(*args, **kwargs)
         self.temperature = temperature
         self.weight = weight
-        self.previous = None
 
     def loss(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         logits = self(x)

@@ -1,0 +1,178 @@
+"""The between-task inversion step: freeze the trained model as the teacher, run a synthesis engine,
+measure what it produced, and hand the method a replay for the next task.
+
+`ContinualCallback` is a Lightning `Callback` with one more hook, `on_task_end`, which the task loop
+calls after `Trainer.fit` in the main process (so it also works under `ddp_spawn`, where fit runs in
+worker processes, and happens once per task boundary).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from cl_inversion.inversion.common import BNStatistics, frozen_eval
+
+
+@dataclass
+class TaskContext:
+    """What a between-task hook may need from the loop."""
+
+    task: int
+    run_dir: Path
+    logger: Any
+    datamodule: Any  # TaskDataModule of the task just learned (its real data is still available)
+    image_shape: tuple[int, ...]
+    pixel_range: tuple[Tensor, Tensor]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+class ContinualCallback(L.Callback):
+    """A Lightning callback that also takes part in the task loop."""
+
+    def on_task_end(self, method: Any, context: TaskContext) -> None:
+        """After a task's fit, its between-task hook, and before its evaluation and checkpoint."""
+
+    def results(self) -> dict[str, Any]:
+        """Entries merged into results.json."""
+        return {}
+
+    def on_restore(self, method: Any) -> None:
+        """After resume loaded the method and this callback's state: re-attach what the method uses."""
+
+
+def frechet_distance(a: Tensor, b: Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (the FID formula)."""
+    from scipy import linalg
+
+    a64, b64 = a.double().numpy(), b.double().numpy()
+    mu_a, mu_b = a64.mean(0), b64.mean(0)
+    cov_a, cov_b = np.atleast_2d(np.cov(a64, rowvar=False)), np.atleast_2d(np.cov(b64, rowvar=False))
+    covmean = linalg.sqrtm(cov_a @ cov_b)
+    if np.iscomplexobj(covmean):
+        covmean = covmean.real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * covmean))
+
+
+@torch.no_grad()
+def batched_features(net: nn.Module, images: Tensor, batch: int = 256) -> Tensor:
+    device = next(net.parameters()).device
+    return torch.cat([net.features(images[i : i + batch].to(device)).float().cpu()
+                      for i in range(0, len(images), batch)])
+
+
+class InversionCallback(ContinualCallback):
+    """Runs `engine` at every task boundary except after the last task; replays its output next task.
+
+    Per boundary it records (results.json `inversion`, loggers `inversion/*`): `wall_s`,
+    `full_model_passes` (forward+backward passes of one batch through the whole teacher; per-layer
+    engines count fractions), `teacher_accuracy` (teacher top-1 on the synthetic set vs intended
+    labels), `bn_distance` (mean over BN layers of KL(running ‖ synthetic-batch statistics)) and
+    `feature_distance` (Fréchet distance between teacher penultimate features of synthetic and real
+    training images of the task just learned). A PNG grid of synthetic images goes to
+    `inversion/task_<t>.png`.
+    """
+
+    def __init__(self, engine: Any, n_images: int = 2560, grid: bool = True, metric_batch: int = 512) -> None:
+        self.engine = engine
+        self.n_images = n_images
+        self.grid = grid
+        self.metric_batch = metric_batch
+        self.history: list[dict[str, Any]] = []
+        self.images: Tensor | None = None
+        self.labels: Tensor | None = None
+
+    def teacher_of(self, method: Any) -> nn.Module:
+        previous = getattr(method, "previous", None)
+        return previous if isinstance(previous, nn.Module) else method.frozen_copy()
+
+    def on_task_end(self, method: Any, context: TaskContext) -> None:
+        if method.is_last_task:
+            return
+        teacher = self.teacher_of(method)
+        self.engine.setup(context.image_shape, context.pixel_range)
+        classes = list(range(method.n_seen))
+        began = time.perf_counter()
+        images, labels = self.engine.synthesize(teacher, classes, self.n_images)
+        wall_s = time.perf_counter() - began
+        self.images, self.labels = images.detach().cpu(), labels.cpu()
+        record = {"task": context.task, "engine": self.engine.name, "n_images": len(labels), "wall_s": wall_s,
+                  "full_model_passes": self.engine.stats.full_model_passes,
+                  **self.measure(teacher, self.images, self.labels, context), "notes": self.engine.stats.notes}
+        self.history.append(record)
+        method.replay = self.engine.replay(teacher, self.images, self.labels)
+        grid_path = self.save_grid(context) if self.grid else None
+        self.log_record(context, record, grid_path)
+
+    @torch.no_grad()
+    def measure(self, teacher: nn.Module, images: Tensor, labels: Tensor, context: TaskContext) -> dict[str, Any]:
+        device = next(teacher.parameters()).device
+        with frozen_eval(teacher):
+            logits = torch.cat([teacher(images[i : i + 256].to(device)).cpu() for i in range(0, len(images), 256)])
+            teacher_accuracy = 100.0 * float((logits.argmax(1) == labels).float().mean())
+            subset = images[torch.randperm(len(images))[: self.metric_batch]].to(device)
+            with BNStatistics(teacher) as bn:
+                teacher(subset)
+                bn_distance = float(bn.kl()) if len(bn) else None
+            real = torch.cat([x for x, _ in context.datamodule.plain_train_dataloader()])
+            task_classes = torch.unique(torch.cat([y for _, y in context.datamodule.plain_train_dataloader()]))
+            synthetic = images[torch.isin(labels, task_classes)]
+            feature_distance = None
+            if len(synthetic) > 1:
+                feature_distance = frechet_distance(batched_features(teacher, synthetic),
+                                                    batched_features(teacher, real))
+        return {"teacher_accuracy": teacher_accuracy, "bn_distance": bn_distance,
+                "feature_distance": feature_distance}
+
+    def save_grid(self, context: TaskContext, per_class: int = 8) -> Path:
+        import torchvision
+
+        mean = torch.tensor(context.mean).view(1, -1, 1, 1)
+        std = torch.tensor(context.std).view(1, -1, 1, 1)
+        picks = torch.cat([(self.labels == c).nonzero().flatten()[:per_class] for c in self.labels.unique()])
+        images = (self.images[picks] * std + mean).clamp(0, 1)
+        if images.shape[-1] < 32:
+            images = torch.nn.functional.interpolate(images, scale_factor=32 // images.shape[-1], mode="nearest")
+        path = context.run_dir / "inversion" / f"task_{context.task}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torchvision.utils.save_image(images, path, nrow=per_class, padding=2, pad_value=1.0)
+        return path
+
+    def log_record(self, context: TaskContext, record: dict[str, Any], grid_path: Path | None) -> None:
+        logger = context.logger
+        if not logger:
+            return
+        scalars = {f"inversion/{k}": float(v) for k, v in record.items()
+                   if isinstance(v, (int, float)) and v is not None and k != "task"}
+        logger.log_metrics(scalars, step=context.task)
+        for point in self.engine.stats.curve:
+            logger.log_metrics({f"inversion_task_{context.task}/{k}": v for k, v in point.items() if k != "step"},
+                               step=int(point["step"]))
+        if grid_path is not None:
+            from cl_inversion.logging_images import log_image
+
+            log_image(logger, f"inversion/task_{context.task}", grid_path, context.task)
+
+    def results(self) -> dict[str, Any]:
+        return {"inversion": self.history}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history, "engine": self.engine.state_dict(), "images": self.images,
+                "labels": self.labels}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = state["history"]
+        self.engine.load_state_dict(state["engine"])
+        self.images, self.labels = state["images"], state["labels"]
+
+    def on_restore(self, method: Any) -> None:
+        if self.images is not None and not method.is_last_task:
+            method.replay = self.engine.replay(self.teacher_of(method), self.images, self.labels)

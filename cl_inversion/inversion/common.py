@@ -1,0 +1,176 @@
+"""Pieces every synthesis engine shares: BatchNorm statistics hooks, image priors, augmentation,
+class-balanced targets, the synthesis progress bar and the NaN guard."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+
+class SynthesisError(RuntimeError):
+    """A synthesis diverged (NaN/Inf loss); never replay what it produced."""
+
+
+def gaussian_kl(mean_p: Tensor, var_p: Tensor, mean_q: Tensor, var_q: Tensor, eps: float = 1e-8) -> Tensor:
+    """KL(N(mean_p, var_p) ‖ N(mean_q, var_q)) per dimension."""
+    var_p, var_q = var_p + eps, var_q + eps
+    return 0.5 * (torch.log(var_q / var_p) + (var_p + (mean_p - mean_q) ** 2) / var_q - 1.0)
+
+
+class BNStatistics:
+    """Forward hooks on every BatchNorm layer of a network, comparing the statistics of the batch that
+    enters the layer with the layer's running statistics (what the network saw on real data).
+
+    After a forward pass: `kl()` is the mean over layers of the channel-mean KL(running ‖ batch) (ABD's
+    term and the `bn_distance` metric), `norm_distance()` is DeepInversion's ‖μ−μ_run‖₂ + ‖σ²−σ²_run‖₂
+    summed over layers, the first layer weighted `first_multiplier`.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        self.layers = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.batch: list[tuple[Tensor, Tensor] | None] = [None] * len(self.layers)
+        self.handles = [layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(self.layers)]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def _hook(self, index: int):
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            x = inputs[0]
+            dims = [0] + list(range(2, x.dim()))
+            self.batch[index] = (x.mean(dims), x.var(dims, unbiased=False))
+
+        return hook
+
+    def _pairs(self) -> Iterator[tuple[nn.Module, Tensor, Tensor]]:
+        for layer, stats in zip(self.layers, self.batch):
+            if stats is None:
+                raise RuntimeError("BNStatistics: no forward pass recorded since the hooks were attached")
+            yield layer, stats[0], stats[1]
+
+    def kl(self, reduction: str = "mean") -> Tensor:
+        """Channel-mean KL(running ‖ batch) per layer, then the mean (metric) or sum (ABD's loss) over layers."""
+        if not self.layers:
+            raise RuntimeError("the network has no BatchNorm layer: a BN-statistics term does not apply")
+        terms = torch.stack([gaussian_kl(layer.running_mean, layer.running_var, mean, var).mean()
+                             for layer, mean, var in self._pairs()])
+        return terms.sum() if reduction == "sum" else terms.mean()
+
+    def norm_distance(self, first_multiplier: float = 10.0) -> Tensor:
+        if not self.layers:
+            raise RuntimeError("the network has no BatchNorm layer: a BN-statistics term does not apply")
+        terms = [torch.linalg.vector_norm(mean - layer.running_mean) + torch.linalg.vector_norm(var - layer.running_var)
+                 for layer, mean, var in self._pairs()]
+        weights = [first_multiplier] + [1.0] * (len(terms) - 1)
+        return sum(w * t for w, t in zip(weights, terms))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def __enter__(self) -> BNStatistics:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+
+def total_variation_l2(x: Tensor) -> Tensor:
+    """DeepInversion's L2 total-variation prior: mean squared difference of neighbouring pixels."""
+    dh = x[:, :, 1:, :] - x[:, :, :-1, :]
+    dw = x[:, :, :, 1:] - x[:, :, :, :-1]
+    return dh.pow(2).mean() + dw.pow(2).mean()
+
+
+def gaussian_blur(x: Tensor, size: int = 5, sigma: float = 1.0) -> Tensor:
+    """Depth-wise Gaussian blur with reflect padding (ABD's smoothness target)."""
+    coords = torch.arange(size, dtype=x.dtype, device=x.device) - (size - 1) / 2
+    kernel1d = torch.exp(-(coords**2) / (2 * sigma**2))
+    kernel1d = kernel1d / kernel1d.sum()
+    kernel = (kernel1d[:, None] * kernel1d[None, :]).expand(x.shape[1], 1, size, size)
+    pad = size // 2
+    mode = "reflect" if min(x.shape[-2:]) > pad else "replicate"
+    return F.conv2d(F.pad(x, (pad,) * 4, mode=mode), kernel, groups=x.shape[1])
+
+
+def jitter_flip(x: Tensor, max_shift: int, flip: bool) -> Tensor:
+    """DeepInversion's augmentation: a random roll of up to `max_shift` pixels and a random flip."""
+    if max_shift > 0:
+        dx, dy = (int(v) for v in torch.randint(-max_shift, max_shift + 1, (2,)))
+        x = torch.roll(x, shifts=(dx, dy), dims=(2, 3))
+    if flip and torch.rand(()) < 0.5:
+        x = x.flip(3)
+    return x
+
+
+def balanced_labels(classes: Sequence[int], n: int) -> Tensor:
+    """n labels cycling through `classes`: counts differ by at most one."""
+    classes_t = torch.as_tensor(list(classes), dtype=torch.long)
+    return classes_t.repeat(math.ceil(n / len(classes_t)))[:n]
+
+
+def clamp_to(x: Tensor, low: Tensor, high: Tensor) -> Tensor:
+    return torch.max(torch.min(x, high), low)
+
+
+def check_finite(loss: Tensor, engine: str, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise SynthesisError(f"{engine} synthesis: loss is {loss.item()} at step {step}; lower "
+                             f"inversion.{engine}.lr or set inversion.{engine}.nan_retries")
+
+
+@dataclass
+class SynthesisStats:
+    """What a synthesis cost and how it went (filled by the engine, read by the callback)."""
+
+    full_model_passes: float = 0.0
+    curve: list[dict[str, float]] = field(default_factory=list)  # loss terms every `log_every` steps
+    notes: list[str] = field(default_factory=list)
+
+
+class SynthesisProgress:
+    """A tqdm bar (ETA included) showing the current loss terms; also records the loss curve."""
+
+    def __init__(self, total: int, desc: str, stats: SynthesisStats, log_every: int = 10,
+                 enabled: bool = True) -> None:
+        # disable=None: no bar when stderr is not a terminal (cluster logs); the curve is still recorded
+        self.bar = tqdm(total=total, desc=desc, leave=False, disable=None if enabled else True, dynamic_ncols=True)
+        self.stats = stats
+        self.log_every = log_every
+        self.step = 0
+        self.started = time.perf_counter()
+
+    def update(self, terms: dict[str, Tensor | float]) -> None:
+        self.step += 1
+        if self.step % self.log_every == 0 or self.step == self.bar.total:
+            values = {k: float(v) for k, v in terms.items()}
+            self.stats.curve.append({"step": self.step, **values})
+            self.bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()}, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+@contextmanager
+def frozen_eval(net: nn.Module) -> Iterator[nn.Module]:
+    """Teacher mode: eval (BN uses running statistics), no parameter gradients."""
+    was_training = net.training
+    flags = [p.requires_grad for p in net.parameters()]
+    net.eval()
+    net.requires_grad_(False)
+    try:
+        yield net
+    finally:
+        net.train(was_training)
+        for p, flag in zip(net.parameters(), flags):
+            p.requires_grad_(flag)

@@ -1,0 +1,177 @@
+"""Always Be Dreaming (Smith et al., ICCV 2021): train a generator (latent → image) against the frozen
+teacher instead of optimising pixels.
+
+Generator loss: content (cross-entropy of teacher logits / 1000 to their own argmax) + diversity
+(1 − entropy of the batch-mean softmax / log K) + BN statistics (KL(running ‖ batch) summed over BN
+layers, ×50) + smoothness (MSE to a 5×5 σ=1 blur, ×1e-3). Published: 10k steps, batch 128, Adam 1e-3,
+latent 1000; the generator and its optimiser are kept across tasks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cl_inversion.inversion.common import (
+    BNStatistics,
+    SynthesisError,
+    SynthesisProgress,
+    SynthesisStats,
+    check_finite,
+    frozen_eval,
+    gaussian_blur,
+)
+from cl_inversion.inversion.replay import GeneratorReplay
+
+
+class Generator(nn.Module):
+    """ABD's generator: linear → 128×(s/4)² → 2× [upsample, conv, BN, LeakyReLU] → conv → tanh → BN.
+
+    The output BatchNorm (no affine) standardises each channel, matching normalised input images.
+    (BN eps 0.8 in the hidden layers is the reference implementation's, inherited from DCGAN code.)
+    """
+
+    def __init__(self, z_dim: int = 1000, channels: int = 3, image_size: int = 32) -> None:
+        super().__init__()
+        self.z_dim = z_dim
+        self.init_size = max(image_size // 4, 1)
+        self.l1 = nn.Linear(z_dim, 128 * self.init_size**2)
+        self.bn0 = nn.BatchNorm2d(128)
+        self.block1 = nn.Sequential(nn.Conv2d(128, 128, 3, 1, 1), nn.BatchNorm2d(128, 0.8), nn.LeakyReLU(0.2))
+        self.block2 = nn.Sequential(
+            nn.Conv2d(128, 64, 3, 1, 1), nn.BatchNorm2d(64, 0.8), nn.LeakyReLU(0.2),
+            nn.Conv2d(64, channels, 3, 1, 1), nn.Tanh(), nn.BatchNorm2d(channels, affine=False))
+        self.image_size = image_size
+
+    def forward(self, z: Tensor) -> Tensor:
+        x = self.bn0(self.l1(z).view(len(z), 128, self.init_size, self.init_size))
+        x = self.block1(F.interpolate(x, scale_factor=2))
+        x = self.block2(F.interpolate(x, size=self.image_size))
+        return x
+
+    def sample(self, n: int) -> Tensor:
+        return self(torch.randn(n, self.z_dim, device=self.l1.weight.device))
+
+
+class GeneratorInversion:
+    """Synthesis engine: trains a generator against the teacher, then samples a class-balanced set."""
+
+    name = "generator"
+
+    def __init__(self, steps: int = 10000, batch_size: int = 128, lr: float = 1e-3, z_dim: int = 1000,
+                 content_temperature: float = 1000.0, content_weight: float = 1.0, diversity_weight: float = 1.0,
+                 bn_weight: float = 50.0, smooth_weight: float = 1e-3, keep_across_tasks: bool = True,
+                 nan_retries: int = 0, progress: bool = True, log_every: int = 10) -> None:
+        self.steps, self.batch_size, self.lr, self.z_dim = steps, batch_size, lr, z_dim
+        self.content_temperature, self.content_weight = content_temperature, content_weight
+        self.diversity_weight, self.bn_weight, self.smooth_weight = diversity_weight, bn_weight, smooth_weight
+        self.keep_across_tasks = keep_across_tasks
+        self.nan_retries, self.progress, self.log_every = nan_retries, progress, log_every
+        self.generator: Generator | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.image_shape: tuple[int, ...] = ()
+        self.stats = SynthesisStats()
+
+    def setup(self, image_shape: Sequence[int], pixel_range: tuple[Tensor, Tensor]) -> None:
+        self.image_shape = tuple(image_shape)
+
+    def _fresh_generator(self, device: torch.device, lr: float) -> None:
+        channels, size = self.image_shape[0], self.image_shape[-1]
+        self.generator = Generator(self.z_dim, channels, size).to(device)
+        self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=lr)
+
+    def synthesize(self, teacher: nn.Module, classes: Sequence[int], n: int) -> tuple[Tensor, Tensor]:
+        self.stats = SynthesisStats()
+        device = next(teacher.parameters()).device
+        lr = self.lr
+        for attempt in range(self.nan_retries + 1):
+            if self.generator is None or not self.keep_across_tasks or attempt > 0:
+                self._fresh_generator(device, lr)
+            self.generator.to(device)
+            self.optimizer.load_state_dict(self.optimizer.state_dict())  # moves Adam state to the device
+            try:
+                self._train(teacher, len(classes))
+                break
+            except SynthesisError:
+                if attempt == self.nan_retries:
+                    raise
+                lr /= 2
+                self.stats.notes.append(f"NaN loss: fresh generator with lr={lr:g}")
+        return self.sample_balanced(teacher, classes, n)
+
+    def _train(self, teacher: nn.Module, n_classes: int) -> None:
+        generator = self.generator
+        generator.train()
+        progress = SynthesisProgress(self.steps, "ABD generator", self.stats, self.log_every, self.progress)
+        with frozen_eval(teacher), BNStatistics(teacher) as bn:
+            if not len(bn):
+                self.stats.notes.append("teacher has no BatchNorm layer: BN-statistics term disabled")
+            try:
+                for step in range(self.steps):
+                    images = generator.sample(self.batch_size)
+                    logits = teacher(images)[:, :n_classes]
+                    content = F.cross_entropy(logits / self.content_temperature, logits.argmax(1))
+                    mean_p = F.softmax(logits, dim=1).mean(0)
+                    diversity = 1.0 + (mean_p * torch.log(mean_p + 1e-12)).sum() / math.log(max(n_classes, 2))
+                    bn_term = bn.kl(reduction="sum") if len(bn) else torch.zeros((), device=images.device)
+                    smooth = F.mse_loss(images, gaussian_blur(images))
+                    loss = (self.content_weight * content + self.diversity_weight * diversity
+                            + self.bn_weight * bn_term + self.smooth_weight * smooth)
+                    check_finite(loss, self.name, step)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    self.optimizer.step()
+                    self.stats.full_model_passes += 1
+                    progress.update({"loss": loss, "content": content, "diversity": diversity, "bn": bn_term,
+                                     "smooth": smooth})
+            finally:
+                progress.close()
+
+    @torch.no_grad()
+    def sample_balanced(self, teacher: nn.Module, classes: Sequence[int], n: int,
+                        oversample: int = 4) -> tuple[Tensor, Tensor]:
+        """n images, as class-balanced as the generator allows: candidates labelled by the teacher, then
+        n/K per class. Classes the generator misses are filled with other images but keep their intended
+        label, so the teacher accuracy on the set measures how well the generator covers the classes."""
+        self.generator.eval()
+        with frozen_eval(teacher):
+            candidates = torch.cat([self.generator.sample(min(n, 512)) for _ in range(
+                math.ceil(oversample * n / min(n, 512)))])
+            predicted = teacher(candidates)[:, : len(classes)].argmax(1).cpu()
+        candidates = candidates.cpu()
+        per_class = [n // len(classes) + (1 if i < n % len(classes) else 0) for i in range(len(classes))]
+        chosen, intended, used = [], [], torch.zeros(len(candidates), dtype=torch.bool)
+        for c, k in zip(classes, per_class):
+            idx = (predicted == c).nonzero().flatten()[:k]
+            used[idx] = True
+            chosen.append(idx)
+            intended += [c] * k
+        spare = (~used).nonzero().flatten()
+        filled = torch.cat(chosen)
+        index = []
+        offset = 0
+        for c_idx, k in zip(chosen, per_class):
+            index.append(c_idx)
+            missing = k - len(c_idx)
+            index.append(spare[offset : offset + missing])
+            offset += missing
+        index = torch.cat(index) if index else filled
+        return candidates[index], torch.tensor(intended, dtype=torch.long)
+
+    def replay(self, teacher: nn.Module, images: Tensor, labels: Tensor) -> GeneratorReplay:
+        return GeneratorReplay(self.generator, teacher)
+
+    def state_dict(self) -> dict:
+        if self.generator is None:
+            return {}
+        return {"generator": self.generator.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self._fresh_generator(torch.device("cpu"), self.lr)
+            self.generator.load_state_dict(state["generator"])
+            self.optimizer.load_state_dict(state["optimizer"])

@@ -1,0 +1,117 @@
+"""DeepInversion (Yin et al., CVPR 2020): optimise a batch of pixels against the frozen teacher.
+
+Loss per step on a jittered/flipped view of the batch: cross-entropy to class-balanced targets
++ BatchNorm statistics (‖μ−μ_run‖ + ‖σ²−σ²_run‖ at every BN layer, first layer ×10) + L2 total
+variation + L2 norm of the image; Adam (β=(0.5, 0.9)) with a cosine learning-rate schedule, pixels
+clamped to the data range after every step. Defaults: the paper's CIFAR-10 settings (2k steps,
+batch 256, lr 0.05, BN weight 10, TV 2.5e-5).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cl_inversion.inversion.common import (
+    BNStatistics,
+    SynthesisError,
+    SynthesisProgress,
+    SynthesisStats,
+    balanced_labels,
+    check_finite,
+    clamp_to,
+    frozen_eval,
+    jitter_flip,
+    total_variation_l2,
+)
+from cl_inversion.inversion.replay import BufferReplay
+
+
+class PixelInversion:
+    """Synthesis engine: `synthesize(teacher, classes, n) -> (images, labels)` by pixel optimisation."""
+
+    name = "pixel"
+
+    def __init__(self, steps: int = 2000, batch_size: int = 256, lr: float = 0.05, ce_weight: float = 1.0,
+                 bn_weight: float = 10.0, first_bn_multiplier: float = 10.0, tv_weight: float = 2.5e-5,
+                 l2_weight: float = 0.0, jitter: int = 2, flip: bool = True, nan_retries: int = 0,
+                 progress: bool = True, log_every: int = 10) -> None:
+        self.steps, self.batch_size, self.lr = steps, batch_size, lr
+        self.ce_weight, self.bn_weight, self.first_bn_multiplier = ce_weight, bn_weight, first_bn_multiplier
+        self.tv_weight, self.l2_weight = tv_weight, l2_weight
+        self.jitter, self.flip = jitter, flip
+        self.nan_retries, self.progress, self.log_every = nan_retries, progress, log_every
+        self.image_shape: tuple[int, ...] = ()
+        self.pixel_range: tuple[Tensor, Tensor] | None = None
+        self.stats = SynthesisStats()
+
+    def setup(self, image_shape: Sequence[int], pixel_range: tuple[Tensor, Tensor]) -> None:
+        self.image_shape = tuple(image_shape)
+        self.pixel_range = pixel_range
+
+    def synthesize(self, teacher: nn.Module, classes: Sequence[int], n: int) -> tuple[Tensor, Tensor]:
+        self.stats = SynthesisStats()
+        labels = balanced_labels(classes, n)
+        device = next(teacher.parameters()).device
+        chunks = []
+        with frozen_eval(teacher), BNStatistics(teacher) as bn:
+            if not len(bn):
+                self.stats.notes.append("teacher has no BatchNorm layer: BN-statistics term disabled")
+            for start in range(0, n, self.batch_size):
+                targets = labels[start : start + self.batch_size].to(device)
+                chunks.append(self._optimise(teacher, bn, targets, start // self.batch_size))
+        return torch.cat(chunks), labels
+
+    def _optimise(self, teacher: nn.Module, bn: BNStatistics, targets: Tensor, chunk: int) -> Tensor:
+        lr = self.lr
+        for attempt in range(self.nan_retries + 1):
+            try:
+                return self._run(teacher, bn, targets, lr, chunk)
+            except SynthesisError:
+                if attempt == self.nan_retries:
+                    raise
+                lr /= 2
+                self.stats.notes.append(f"chunk {chunk}: NaN loss, retrying with lr={lr:g}")
+        raise AssertionError("unreachable")
+
+    def _run(self, teacher: nn.Module, bn: BNStatistics, targets: Tensor, lr: float, chunk: int) -> Tensor:
+        device = targets.device
+        low, high = (r.to(device) for r in self.pixel_range)
+        x = torch.randn(len(targets), *self.image_shape, device=device).requires_grad_(True)
+        optimizer = torch.optim.Adam([x], lr=lr, betas=(0.5, 0.9), eps=1e-8)
+        progress = SynthesisProgress(self.steps, f"DeepInversion batch {chunk}", self.stats, self.log_every,
+                                     self.progress)
+        try:
+            for step in range(self.steps):
+                for group in optimizer.param_groups:
+                    group["lr"] = 0.5 * lr * (1 + math.cos(math.pi * step / self.steps))
+                view = jitter_flip(x, self.jitter, self.flip)
+                ce = F.cross_entropy(teacher(view), targets)
+                bn_term = bn.norm_distance(self.first_bn_multiplier) if len(bn) else torch.zeros((), device=device)
+                tv = total_variation_l2(view)
+                l2 = view.pow(2).mean()
+                loss = self.ce_weight * ce + self.bn_weight * bn_term + self.tv_weight * tv + self.l2_weight * l2
+                check_finite(loss, self.name, step)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                with torch.no_grad():
+                    x.copy_(clamp_to(x, low, high))
+                self.stats.full_model_passes += 1
+                progress.update({"loss": loss, "ce": ce, "bn": bn_term, "tv": tv})
+        finally:
+            progress.close()
+        return x.detach()
+
+    def replay(self, teacher: nn.Module, images: Tensor, labels: Tensor) -> BufferReplay:
+        return BufferReplay(images, labels)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

@@ -1,0 +1,53 @@
+"""Always Be Dreaming (Smith et al., ICCV 2021) student.
+
+Each step: 128 real new-task images + 128 synthetic images from the generator (labelled by the teacher).
+  local  — cross-entropy over the new classes' logits only, on real data;
+  head   — cross-entropy of the head on detached features of real + synthetic data, over the classes seen
+           so far (the reference code spans all outputs — a known bug), class-balanced weights;
+  kd     — importance-weighted feature distillation: ‖W_old·f_cur − W_old·f_prev‖² over old classes, ×0.1.
+"""
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cl_inversion.methods.base import ContinualModule
+
+
+class ABD(ContinualModule):
+    def __init__(self, *args, inversion: str = "generator", kd_weight: float = 0.1, **kwargs) -> None:
+        super().__init__(*args, inversion=inversion, **kwargs)
+        self.kd_weight = kd_weight
+
+    def class_balance(self, targets: Tensor) -> Tensor:
+        """Old-class samples weigh n_old/n_seen, new-class samples n_new/n_seen: equal weight per class
+        when a batch is half real (new classes) and half synthetic (old classes)."""
+        old_share = self.n_old / self.n_seen
+        return torch.where(targets < self.n_old, old_share, 1.0 - old_share)
+
+    def loss(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        if self.replay is None or self.previous is None:
+            ce = self.seen_cross_entropy(self(x), y)
+            return {"loss": ce, "ce": ce}
+        replay_x, replay_y = self.replay.sample(len(x))
+        inputs, targets = torch.cat([x, replay_x]), torch.cat([y, replay_y])
+        weights = self.class_balance(targets)
+        logits, features = self.net.forward_with_features(inputs)
+        real = slice(0, len(x))
+        local = (F.cross_entropy(logits[real, self.n_old : self.n_seen], y - self.n_old, reduction="none")
+                 * weights[real]).mean()
+        head_logits = self.net.head(features.detach())[:, : self.n_seen]
+        head = (F.cross_entropy(head_logits, targets, reduction="none") * weights).mean()
+        with torch.no_grad():
+            previous_features = self.previous.features(inputs)
+        old_head = self.previous.head
+        kd = (old_head(features) - old_head(previous_features)).pow(2).sum(1).mean() / self.n_old
+        loss = local + head + self.kd_weight * kd
+        return {"loss": loss, "local_ce": local, "head_ce": head, "feature_kd": kd}
+
+    def on_task_end(self, datamodule: L.LightningDataModule) -> None:
+        self.previous = self.frozen_copy()
+
+    def load_extra_state(self, state: dict) -> None:
+        self.previous = self.frozen_copy()

@@ -1,0 +1,45 @@
+"""DeepInversion as a continual learner — the student of ABD's DeepInversion baseline.
+
+Each step: real new-task data + an equal batch of synthetic replay. Loss = cross-entropy over seen
+classes on real data + kd_weight × (distillation of the previous model's old-class logits on real
+data + distillation on synthetic data towards the previous model's soft targets, zero-padded for the
+new classes, over all seen classes — which keeps replayed images out of the new classes).
+"""
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cl_inversion.methods.base import ContinualModule, distillation
+
+
+class DeepInversion(ContinualModule):
+    def __init__(self, *args, inversion: str = "pixel", temperature: float = 2.0, kd_weight: float = 1.0,
+                 **kwargs) -> None:
+        super().__init__(*args, inversion=inversion, **kwargs)
+        self.temperature = temperature
+        self.kd_weight = kd_weight
+
+    def loss(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        if self.replay is None or self.previous is None:
+            ce = self.seen_cross_entropy(self(x), y)
+            return {"loss": ce, "ce": ce}
+        replay_x, _ = self.replay.sample(len(x))
+        logits = self(torch.cat([x, replay_x]))
+        real, synthetic = logits[: len(x)], logits[len(x) :]
+        with torch.no_grad():
+            old = self.previous(torch.cat([x, replay_x]))
+        t = self.temperature
+        ce = self.seen_cross_entropy(real, y)
+        kd_real = distillation(real[:, : self.n_old], old[: len(x)], t)
+        soft = F.pad(F.softmax(old[len(x) :] / t, dim=1), (0, self.n_seen - self.n_old))
+        kd_synthetic = -(soft * F.log_softmax(synthetic[:, : self.n_seen] / t, dim=1)).sum(1).mean() * t**2
+        loss = ce + self.kd_weight * (kd_real + kd_synthetic)
+        return {"loss": loss, "ce": ce, "kd_real": kd_real, "kd_synthetic": kd_synthetic}
+
+    def on_task_end(self, datamodule: L.LightningDataModule) -> None:
+        self.previous = self.frozen_copy()
+
+    def load_extra_state(self, state: dict) -> None:
+        self.previous = self.frozen_copy()
