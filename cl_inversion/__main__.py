@@ -9,8 +9,7 @@ import hydra
 from omegaconf import DictConfig
 
 from cl_inversion.config import register_configs
-from cl_inversion.errors import ConfigError
-from cl_inversion.io import CorruptCheckpointError
+from cl_inversion.errors import user_error
 
 register_configs()
 
@@ -23,10 +22,15 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
     try:
         results = run(cfg)
-    except (ConfigError, CorruptCheckpointError) as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1" or HydraConfig.get().mode.name == "MULTIRUN":
+    except Exception as err:
+        error = user_error(err)  # a bad config or input, possibly wrapped by Hydra's instantiate
+        if error is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"cl-inversion: error: {err}", file=sys.stderr)
+        if HydraConfig.get().mode.name == "MULTIRUN":
+            # Hydra records the failure for this job, runs the remaining ones and prints this one
+            # compactly (UserError is a CompactHydraException); sys.exit here would end the sweep.
+            raise error from None
+        print(f"cl-inversion: error: {error}", file=sys.stderr)
         sys.exit(2)
     return results.get("final_accuracy")
 

@@ -32,6 +32,8 @@ class RunConfig:
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
     seed: int = 0
     resume: bool = False
+    resume_fallback: bool = False  # on resume, skip a corrupted latest checkpoint (kept as .corrupt)
+    callbacks: Any = field(default_factory=dict)  # name -> {_target_: ...}: Lightning callbacks of the run
     checkpoint: bool = True
     experiment_name: str | None = None
 

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from cl_inversion.errors import UserError
+
 
 def _atomic_write(path: Path, write) -> None:
     path = Path(path)
@@ -38,8 +40,8 @@ def save_checkpoint(path: Path, data: dict[str, Any]) -> None:
     _atomic_write(path, lambda h: torch.save(data, h))
 
 
-class CorruptCheckpointError(RuntimeError):
-    pass
+class CorruptCheckpointError(UserError, RuntimeError):
+    """A checkpoint file cannot be read completely; the message names the file."""
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -48,8 +50,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         data = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # truncated zip, unpickling error, ...
         raise CorruptCheckpointError(
-            f"checkpoint {path} is truncated or corrupted ({type(err).__name__}); delete it to resume "
-            "from the task before, or start a new run") from None
+            f"checkpoint {path} is truncated or corrupted ({type(err).__name__}); set resume_fallback=true "
+            "to continue from the newest intact checkpoint before it, or start a new run") from None
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
         raise CorruptCheckpointError(f"checkpoint {path} is not a cl_inversion checkpoint")
     return data

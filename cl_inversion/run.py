@@ -24,10 +24,20 @@ from cl_inversion.data.datasets import DatasetBundle
 from cl_inversion.data.scenario import ClassIncrementalScenario
 from cl_inversion.errors import ConfigError
 from cl_inversion.inversion.callback import ContinualCallback, TaskContext
-from cl_inversion.io import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint, write_json
+from cl_inversion.io import CHECKPOINT_FORMAT, save_checkpoint, write_json
 from cl_inversion.methods.base import ContinualModule
 from cl_inversion.metrics import evaluate, summary
 from cl_inversion.models.head import IncrementalClassifier
+from cl_inversion.resume import (
+    callback_states,
+    failure_fields,
+    failure_recorded,
+    find_resume_checkpoint,
+    latest_checkpoint,  # noqa: F401  (re-exported: run.latest_checkpoint)
+    load_callback_states,
+    load_resume_state,
+)
+from cl_inversion.validate import validate_config
 
 log = logging.getLogger("cl_inversion")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -64,7 +74,7 @@ def build_method(cfg: DictConfig) -> ContinualModule:
     return instantiate(cfg.method, net=net, optimizer=instantiate(cfg.optimizer), scheduler=scheduler)
 
 
-def build_callbacks(cfg: DictConfig, method: ContinualModule) -> list[L.Callback]:
+def build_inversion(cfg: DictConfig, method: ContinualModule) -> list[L.Callback]:
     """The inversion callback when the method names a synthesis engine (`method.inversion`)."""
     name = method.inversion
     if not name:
@@ -83,14 +93,22 @@ def build_logger(cfg: DictConfig, run_dir: Path) -> Any:
     return instantiate(cfg.logger, save_dir=str(run_dir))
 
 
+def build_callbacks(cfg: DictConfig, method: ContinualModule) -> list[Any]:
+    """The run's Lightning callbacks (`callbacks.<name>: {_target_: ...}`, plus the inversion callback
+    when the method names a synthesis engine), kept for the whole run and passed to every task's
+    Trainer; their state is checkpointed (see `resume.callback_states`)."""
+    callbacks = build_inversion(cfg, method)
+    for name, node in (cfg.get("callbacks") or {}).items():
+        callback = instantiate(node)
+        if not isinstance(callback, L.Callback):
+            raise ConfigError(f"callbacks.{name} builds a {type(callback).__name__}, not a lightning Callback")
+        callbacks.append(callback)
+    return callbacks
+
+
 def task_seed(seed: int, task: int) -> int:
     """Every task starts from its own seed, so a resumed run replays the same randomness."""
     return seed * 1000 + task
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted(run_dir.glob("checkpoints/task_*.ckpt"), key=lambda p: int(p.stem.split("_")[1]))
-    return found[-1] if found else None
 
 
 def _config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -99,7 +117,7 @@ def _config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
         a, b = saved.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             keys += _config_diff(a, b, f"{prefix}{key}.")
-        elif a != b and key not in ("resume", "experiment_name"):
+        elif a != b and key not in ("resume", "resume_fallback", "experiment_name"):
             keys.append(f"{prefix}{key}")
     return keys
 
@@ -124,18 +142,28 @@ def hydra_choices() -> dict[str, str]:
 
 
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
-    """Run one continual-learning experiment; returns (and writes) the results dict."""
+    """Run one continual-learning experiment; returns (and writes) the results dict.
+
+    The config is validated before anything is written; a run that fails leaves a results.json with
+    `status: failed` (or `interrupted`) and the error, unless the directory already holds another run's.
+    """
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     run_dir = resolve_run_dir(run_dir)
+    with failure_recorded(run_dir / "results.json", cfg):
+        return _run(cfg, run_dir)
+
+
+def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     choices = hydra_choices()
+    validate_config(cfg, {"dataset": {k: int for k in LOADER_KEYS}})
     config = OmegaConf.to_container(cfg, resolve=True)
+    resume_from = find_resume_checkpoint(run_dir, cfg.resume)
 
     L.seed_everything(cfg.seed, verbose=False)
     bundle = build_dataset(cfg)
     scenario = build_scenario(cfg, bundle)
     method = build_method(cfg)
-    logger = build_logger(cfg, run_dir)
     callbacks = build_callbacks(cfg, method)
 
     results: dict[str, Any] = {
@@ -155,19 +183,17 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         "config": config,
     }
     start = 0
-    if cfg.resume:
-        ckpt_path = latest_checkpoint(run_dir)
-        if ckpt_path is None:
-            raise ConfigError(f"resume=true but {run_dir / 'checkpoints'} holds no task_<t>.ckpt; set "
-                              "hydra.run.dir to the directory of the run to continue, or drop resume=true")
-        state = load_checkpoint(ckpt_path)
+    if resume_from is not None:
+        state, ckpt_path = load_resume_state(resume_from, cfg.get("resume_fallback", False))
         diff = _config_diff(state["results"]["config"], config)
         if diff:
-            raise ConfigError(f"resume=true but the config differs from the checkpoint's in: {', '.join(diff)}")
-        restore(method, state, callbacks)
+            raise ConfigError(f"cannot resume {ckpt_path}: the config differs from the checkpoint's in: "
+                              f"{', '.join(diff)}")
+        restore(method, state, callbacks, source=ckpt_path)
         results = state["results"]
         start = state["task"] + 1
         log.info(f"resuming {run_dir} after task {state['task']} ({ckpt_path.name})")
+    logger = build_logger(cfg, run_dir)
 
     results_path = run_dir / "results.json"
     batch_size = cfg.dataset.batch_size
@@ -180,8 +206,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             method.begin_task(t, len(task.classes), datamodule, is_last=t == len(scenario) - 1)
             if t > start:  # Lightning's per-Trainer device banner, once per run is enough
                 logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-            trainer: L.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks,
-                                             default_root_dir=str(run_dir))
+            trainer: L.Trainer = instantiate(cfg.trainer, logger=logger, default_root_dir=str(run_dir),
+                                             callbacks=callbacks)
             began = time.perf_counter()
             trainer.fit(method, datamodule=datamodule)
             train_s = time.perf_counter() - began
@@ -214,15 +240,15 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
                                    step=t)
             if trainer.is_global_zero:
                 if cfg.checkpoint:
-                    save_checkpoint(run_dir / "checkpoints" / f"task_{t}.ckpt", checkpoint_state(method, t, results, callbacks))
+                    save_checkpoint(run_dir / "checkpoints" / f"task_{t}.ckpt",
+                                    checkpoint_state(method, t, results, callbacks))
                 write_json(results_path, results)
             log.info(f"task {t + 1}/{len(scenario)} | classes {task.original_classes} | "
                      f"avg acc {results['per_task'][-1]['average_accuracy']:.2f} | "
                      f"new {row.new_class_accuracy:.2f} | old {_fmt(row.old_class_accuracy)} | {train_s:.1f}s")
     except BaseException as err:
-        if results["tasks_completed"] > 0 or results_path.exists():
-            results["status"] = "failed"
-            results["error"] = f"{type(err).__name__}: {err}"
+        if results["tasks_completed"] > 0 or not results_path.exists():  # never overwrite another run's
+            results.update(failure_fields(err))
             write_json(results_path, results)
         raise
     if logger:
@@ -245,28 +271,30 @@ def _fmt(value: float | None) -> str:
 
 
 def checkpoint_state(method: ContinualModule, task: int, results: dict[str, Any],
-                     callbacks: list[L.Callback]) -> dict[str, Any]:
-    """Everything a resumed run needs after `task`; callbacks with state are stored by class name."""
+                     callbacks: list[Any] | None = None) -> dict[str, Any]:
+    """Everything a resumed run needs after `task`: weights, head sizes, method and callback state."""
     return {
         "format": CHECKPOINT_FORMAT,
         "task": task,
         "task_sizes": list(method.task_sizes),
         "net": method.net.state_dict(),
         "method": method.extra_state(),
-        "callbacks": {type(cb).__name__: cb.state_dict() for cb in callbacks},
         "results": results,
+        "callbacks": callback_states(callbacks or []),
     }
 
 
-def restore(method: ContinualModule, state: dict[str, Any], callbacks: list[L.Callback]) -> None:
-    """Put a method back in its state after `state['task']` (head rebuilt before loading weights)."""
+def restore(method: ContinualModule, state: dict[str, Any], callbacks: list[Any] | None = None,
+            source: Path | str = "checkpoint") -> None:
+    """Put a method (and the run's callbacks) back in their state after `state['task']`; the head is
+    rebuilt before loading weights."""
     for size in state["task_sizes"]:
         method.net.head.grow(size)
     method.task_sizes = list(state["task_sizes"])
     method.task = state["task"]
     method.net.load_state_dict(state["net"])
     method.load_extra_state(state["method"])
-    for cb in callbacks:
-        cb.load_state_dict(state["callbacks"].get(type(cb).__name__, {}))
+    load_callback_states(callbacks or [], state.get("callbacks", {}), source)
+    for cb in callbacks or []:
         if isinstance(cb, ContinualCallback):
             cb.on_restore(method)

@@ -132,7 +132,7 @@ def _cifar(name: str, root: str, download: bool, augment: bool) -> DatasetBundle
 
     if not download:
         _check_root(root, "dataset.root", "set dataset.download=true to fetch it, or point dataset.root "
-                    f"at a folder holding the torchvision {name} files")
+                    f"at the folder holding torchvision's extracted {name} archive")
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
     try:
         train = cls(root, train=True, download=download)
@@ -201,7 +201,9 @@ def imagefolder(
     Images are decoded once; with `cache=true` the decoded uint8 tensors are kept in
     `~/.cache/cl_inversion` keyed by the folder's path and size, so later runs start in a second.
     """
-    base = _check_root(root, "dataset.root", "expected a folder with train/ and test/ class sub-folders")
+    base = _check_root(root, "dataset.root", "point it at a folder holding train/<class>/*.jpg and test/<class>/*.jpg "
+                       "(e.g. Tiny-ImageNet with val/ sorted into test/<class>/, or the CIFAR-10 JPEG copy "
+                       "in ../shared/datasets/cifar10)")
     for split in ("train", "test"):
         if not (base / split).is_dir():
             raise ConfigError(f"dataset.root={root!r} has no {split}/ folder of class sub-folders")

@@ -1,0 +1,22 @@
+"""A stateful Lightning callback for the resume tests (importable as `tests.probe` by the CLI)."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+
+class StateProbe(L.Callback):
+    """Records one random draw per finished task; resumed correctly, the list matches an uninterrupted run."""
+
+    def __init__(self) -> None:
+        self.draws: list[float] = []
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.draws.append(float(torch.rand(())))
+
+    def state_dict(self) -> dict:
+        return {"draws": list(self.draws)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.draws = list(state["draws"])
