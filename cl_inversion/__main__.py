@@ -6,6 +6,7 @@ import os
 import sys
 
 import hydra
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
 from cl_inversion.config import register_configs
@@ -22,7 +23,12 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     from cl_inversion.run import run
 
     try:
-        results = run(cfg)
+        try:
+            results = run(cfg)
+        except InstantiationException as err:  # a ConfigError raised while building a `_target_`
+            if isinstance(err.__cause__, ConfigError):
+                raise err.__cause__ from None
+            raise
     except (ConfigError, CorruptCheckpointError) as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1" or HydraConfig.get().mode.name == "MULTIRUN":
             raise

@@ -27,6 +27,7 @@ from cl_inversion.io import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint,
 from cl_inversion.methods.base import ContinualModule
 from cl_inversion.metrics import evaluate, summary
 from cl_inversion.models.head import IncrementalClassifier
+from cl_inversion.zero_shot import record_zero_shot
 
 log = logging.getLogger("cl_inversion")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -54,7 +55,8 @@ def build_dataset(cfg: DictConfig) -> DatasetBundle:
 def build_scenario(cfg: DictConfig, bundle: DatasetBundle) -> ClassIncrementalScenario:
     sc = cfg.scenario
     seed = cfg.seed if sc.class_order_seed is None else sc.class_order_seed
-    return ClassIncrementalScenario(bundle, sc.n_tasks, sc.first_task_classes, seed, sc.class_order)
+    return ClassIncrementalScenario(bundle, sc.n_tasks, sc.first_task_classes, seed, sc.class_order,
+                                    sc.get("holdout_classes") or 0)
 
 
 def build_method(cfg: DictConfig) -> ContinualModule:
@@ -166,6 +168,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             if t > start:  # Lightning's per-Trainer device banner, once per run is enough
                 logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
             trainer: L.Trainer = instantiate(cfg.trainer, logger=logger, default_root_dir=str(run_dir))
+            if t == 0:  # zero-shot retention baseline (CLIP backbones only; no-op otherwise)
+                record_zero_shot(results, method.net.backbone, scenario, batch_size, trainer.strategy.root_device)
             began = time.perf_counter()
             trainer.fit(method, datamodule=datamodule)
             method.end_task(datamodule)
@@ -175,6 +179,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             method.net.to(device)
             row = evaluate(method.net, datamodule.test_dataloaders(),
                            [scenario.tasks[j].classes for j in range(t + 1)], device)
+            record_zero_shot(results, method.net.backbone, scenario, batch_size, device)
             results["accuracy_matrix"].append(row.accuracy)
             results["task_aware_matrix"].append(row.task_aware)
             results["per_task"].append({
