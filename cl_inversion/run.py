@@ -38,6 +38,7 @@ from cl_inversion.resume import (
     load_resume_state,
 )
 from cl_inversion.validate import validate_config
+from cl_inversion.zero_shot import record_zero_shot
 
 log = logging.getLogger("cl_inversion")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -65,7 +66,8 @@ def build_dataset(cfg: DictConfig) -> DatasetBundle:
 def build_scenario(cfg: DictConfig, bundle: DatasetBundle) -> ClassIncrementalScenario:
     sc = cfg.scenario
     seed = cfg.seed if sc.class_order_seed is None else sc.class_order_seed
-    return ClassIncrementalScenario(bundle, sc.n_tasks, sc.first_task_classes, seed, sc.class_order)
+    return ClassIncrementalScenario(bundle, sc.n_tasks, sc.first_task_classes, seed, sc.class_order,
+                                    sc.get("holdout_classes") or 0)
 
 
 def build_method(cfg: DictConfig) -> ContinualModule:
@@ -208,6 +210,8 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
             trainer: L.Trainer = instantiate(cfg.trainer, logger=logger, default_root_dir=str(run_dir),
                                              callbacks=callbacks)
+            if t == 0:  # zero-shot retention baseline (CLIP backbones only; no-op otherwise)
+                record_zero_shot(results, method.net.backbone, scenario, batch_size, trainer.strategy.root_device)
             began = time.perf_counter()
             trainer.fit(method, datamodule=datamodule)
             train_s = time.perf_counter() - began
@@ -223,6 +227,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             method.net.to(device)
             row = evaluate(method.net, datamodule.test_dataloaders(),
                            [scenario.tasks[j].classes for j in range(t + 1)], device)
+            record_zero_shot(results, method.net.backbone, scenario, batch_size, device)
             results["accuracy_matrix"].append(row.accuracy)
             results["task_aware_matrix"].append(row.task_aware)
             results["per_task"].append({

@@ -51,6 +51,24 @@ def task_sizes(num_classes: int, n_tasks: int, first_task_classes: int | None = 
     return [first_task_classes] + [rest // (n_tasks - 1)] * (n_tasks - 1)
 
 
+def _hold_out(order: list[int], holdout: int | Sequence[int]) -> tuple[list[int], int]:
+    """Move held-out classes to the end of the class order: a count takes the last ones of the (seeded)
+    order, a list names dataset class ids. Returns the new order and how many are held out."""
+    c = len(order)
+    if isinstance(holdout, bool) or not isinstance(holdout, (int, Sequence)) or isinstance(holdout, str):
+        raise ConfigError(f"scenario.holdout_classes={holdout!r} must be a count or a list of class ids")
+    if isinstance(holdout, int):
+        if not 0 <= holdout < c:
+            raise ConfigError(f"scenario.holdout_classes={holdout} must be in 0..{c - 1} (the dataset has {c} "
+                              "classes and at least one must be trained)")
+        return list(order), holdout
+    ids = list(holdout)
+    if len(set(ids)) != len(ids) or not all(isinstance(i, int) and 0 <= i < c for i in ids) or len(ids) >= c:
+        raise ConfigError(f"scenario.holdout_classes={ids} must list distinct class ids in 0..{c - 1}, "
+                          "leaving at least one class to train")
+    return [i for i in order if i not in ids] + ids, len(ids)
+
+
 @dataclass
 class Task:
     index: int
@@ -68,6 +86,7 @@ class ClassIncrementalScenario:
         first_task_classes: int | None = None,
         class_order_seed: int | None = 0,
         class_order: Sequence[int] | None = None,
+        holdout_classes: int | Sequence[int] = 0,
     ) -> None:
         self.dataset = dataset
         c = dataset.num_classes
@@ -77,7 +96,17 @@ class ClassIncrementalScenario:
                 raise ConfigError(f"scenario.class_order must be a permutation of 0..{c - 1}")
         self.class_order = class_order or class_order_for(c, class_order_seed)
         self.class_order_seed = class_order_seed
-        sizes = task_sizes(c, n_tasks, first_task_classes)
+        self.class_order, n_held = _hold_out(self.class_order, holdout_classes)
+        try:
+            sizes = task_sizes(c - n_held, n_tasks, first_task_classes)
+        except ConfigError as err:
+            if not n_held:
+                raise
+            raise ConfigError(f"{err} [{c - n_held} classes are trained: scenario.holdout_classes="
+                              f"{holdout_classes} of the {c} are held out]") from None
+        #: labels (positions in the class order) and dataset ids of classes no task trains (zero-shot tests)
+        self.holdout_labels = list(range(c - n_held, c))
+        self.holdout_classes = self.class_order[c - n_held :]
         position = torch.empty(c, dtype=torch.long)
         position[torch.tensor(self.class_order)] = torch.arange(c)
         self.train = dataset.train.with_targets(position[dataset.train.targets])
@@ -112,6 +141,10 @@ class ClassIncrementalScenario:
     def test_set(self, t: int) -> Subset:
         return self._subset(self.test, self.tasks[t].classes)
 
+    def holdout_test_set(self) -> Subset:
+        """Test data of the held-out classes (labels `holdout_labels`), never part of any task."""
+        return self._subset(self.test, self.holdout_labels)
+
     def datamodule(self, t: int, batch_size: int, num_workers: int = 0, cumulative: bool = False,
                    seed: int = 0) -> TaskDataModule:
         return TaskDataModule(self, t, batch_size, num_workers, cumulative, seed)
@@ -136,6 +169,11 @@ class TaskDataModule(L.LightningDataModule):
         return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle, generator=generator,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           drop_last=shuffle and len(data) > self.batch_size)
+
+    @property
+    def task_class_names(self) -> list[str]:
+        """Names of this task's classes, in label order (what a text-initialised head embeds)."""
+        return [self.scenario.class_names[i] for i in self.scenario.tasks[self.task].classes]
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_data, shuffle=True)

@@ -57,7 +57,7 @@ class ContinualModule(L.LightningModule):
         self.task = task_index
         self.is_last_task = is_last
         self.task_sizes.append(n_new_classes)
-        self.net.head.grow(n_new_classes)
+        self.net.grow(n_new_classes, datamodule)
         self.on_task_start(datamodule)
 
     def end_task(self, datamodule: L.LightningDataModule) -> None:

@@ -1,4 +1,6 @@
 from cl_inversion.models.backbones import Backbone, CifarResNet, ResNet18, SmallCNN
+from cl_inversion.models.clip import ClipBackbone
 from cl_inversion.models.head import IncrementalClassifier, IncrementalLinear
 
-__all__ = ["Backbone", "CifarResNet", "ResNet18", "SmallCNN", "IncrementalClassifier", "IncrementalLinear"]
+__all__ = ["Backbone", "ClipBackbone", "CifarResNet", "ResNet18", "SmallCNN", "IncrementalClassifier",
+           "IncrementalLinear"]

@@ -17,6 +17,11 @@ class Backbone(nn.Module):
     def blocks(self) -> list[nn.Module]:
         return [self.stem, *self.stages]
 
+    @property
+    def has_batchnorm(self) -> bool:
+        """Whether any BatchNorm layer exists: BN-statistics inversion terms need one (ViTs have none)."""
+        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.modules())
+
     def forward(self, x: Tensor) -> Tensor:
         for block in self.blocks():
             x = block(x)

@@ -1,8 +1,16 @@
-"""A linear head that grows by one slice of outputs per task, keeping old weights untouched."""
+"""A linear head that grows by one slice of outputs per task, keeping old weights untouched.
+
+With `logit_scale` set (backbones that expose `head_logit_scale`, i.e. CLIP) the head is a cosine
+classifier as in CLIP: logits = scale · normalize(features) · normalize(W)ᵀ, no bias, so a slice initialised
+with text embeddings starts as CLIP's zero-shot classifier.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -13,9 +21,10 @@ class IncrementalLinear(nn.Module):
     `sizes` so resume can rebuild the same slices before `load_state_dict`.
     """
 
-    def __init__(self, in_features: int) -> None:
+    def __init__(self, in_features: int, logit_scale: float | None = None) -> None:
         super().__init__()
         self.in_features = in_features
+        self.logit_scale = logit_scale
         self.slices = nn.ModuleList()
 
     @property
@@ -26,10 +35,18 @@ class IncrementalLinear(nn.Module):
     def out_features(self) -> int:
         return sum(self.sizes)
 
-    def grow(self, n_new: int) -> nn.Linear:
-        layer = nn.Linear(self.in_features, n_new)
+    @property
+    def cosine(self) -> bool:
+        return self.logit_scale is not None
+
+    def grow(self, n_new: int, weight: Tensor | None = None) -> nn.Linear:
+        """Add `n_new` outputs; `weight` ([n_new, in_features], e.g. text embeddings) initialises them."""
+        layer = nn.Linear(self.in_features, n_new, bias=not self.cosine)
         if len(self.slices):
             layer.to(self.slices[0].weight.device)
+        if weight is not None:
+            with torch.no_grad():
+                layer.weight.copy_(weight)
         self.slices.append(layer)
         return layer
 
@@ -38,12 +55,16 @@ class IncrementalLinear(nn.Module):
         return torch.cat([s.weight for s in self.slices])
 
     @property
-    def bias(self) -> Tensor:
-        return torch.cat([s.bias for s in self.slices])
+    def bias(self) -> Tensor | None:
+        return None if self.cosine else torch.cat([s.bias for s in self.slices])
 
     def forward(self, features: Tensor) -> Tensor:
         if not len(self.slices):
             raise RuntimeError("IncrementalLinear has no outputs yet: call grow() at the start of a task")
+        if self.cosine:
+            features = F.normalize(features, dim=-1)
+            return self.logit_scale * torch.cat([F.linear(features, F.normalize(s.weight, dim=-1))
+                                                 for s in self.slices], dim=1)
         return torch.cat([s(features) for s in self.slices], dim=1)
 
 
@@ -53,11 +74,22 @@ class IncrementalClassifier(nn.Module):
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone
-        self.head = IncrementalLinear(backbone.feature_dim)
+        self.head = IncrementalLinear(backbone.feature_dim, getattr(backbone, "head_logit_scale", None))
 
     @property
     def num_classes(self) -> int:
         return self.head.out_features
+
+    def grow(self, n_new: int, datamodule: Any = None) -> nn.Linear:
+        """Grow the head at a task's start. Backbones that take the dataset's normalisation or embed class
+        names (CLIP) get them from the task's datamodule; the new slice then starts from text embeddings."""
+        weight = None
+        scenario = getattr(datamodule, "scenario", None)
+        if scenario is not None and hasattr(self.backbone, "set_input_normalization"):
+            self.backbone.set_input_normalization(scenario.dataset.mean, scenario.dataset.std)
+        if scenario is not None and hasattr(self.backbone, "text_embeddings"):
+            weight = self.backbone.text_embeddings(datamodule.task_class_names)
+        return self.head.grow(n_new, weight)
 
     def features(self, x: Tensor) -> Tensor:
         return self.backbone(x)
