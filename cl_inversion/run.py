@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 from pathlib import Path
@@ -20,6 +21,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from cl_inversion import logging_utils
 from cl_inversion.data.datasets import DatasetBundle
 from cl_inversion.data.scenario import ClassIncrementalScenario
 from cl_inversion.errors import ConfigError
@@ -64,9 +66,7 @@ def build_method(cfg: DictConfig) -> ContinualModule:
 
 
 def build_logger(cfg: DictConfig, run_dir: Path) -> Any:
-    if not cfg.get("logger") or "_target_" not in cfg.logger:
-        return False
-    return instantiate(cfg.logger, save_dir=str(run_dir))
+    return logging_utils.build_logger(cfg, run_dir, hydra_choices())
 
 
 def task_seed(seed: int, task: int) -> int:
@@ -117,11 +117,21 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     choices = hydra_choices()
     config = OmegaConf.to_container(cfg, resolve=True)
 
-    L.seed_everything(cfg.seed, verbose=False)
-    bundle = build_dataset(cfg)
-    scenario = build_scenario(cfg, bundle)
-    method = build_method(cfg)
-    logger = build_logger(cfg, run_dir)
+    results_path = run_dir / "results.json"
+    logger = False
+    try:
+        L.seed_everything(cfg.seed, verbose=False)
+        bundle = build_dataset(cfg)
+        scenario = build_scenario(cfg, bundle)
+        method = build_method(cfg)
+        logger = build_logger(cfg, run_dir)
+    except BaseException as err:  # a sweep must show this job as failed, not lose it
+        if not results_path.exists():
+            write_json(results_path, {"status": "failed", "tasks_completed": 0, "n_tasks": cfg.scenario.n_tasks,
+                                      "error": f"{type(err).__name__}: {err}", "seed": cfg.seed, "config": config,
+                                      **{k: choices.get(k) for k in ("method", "dataset", "backbone")}})
+        logging_utils.finish(logger, "failed")
+        raise
 
     results: dict[str, Any] = {
         "status": "running",
@@ -140,7 +150,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         "config": config,
     }
     start = 0
-    if cfg.resume:
+    if cfg.resume or (requeued() and latest_checkpoint(run_dir) is not None):
         ckpt_path = latest_checkpoint(run_dir)
         if ckpt_path is None:
             raise ConfigError(f"resume=true but {run_dir / 'checkpoints'} holds no task_<t>.ckpt; set "
@@ -154,7 +164,6 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         start = state["task"] + 1
         log.info(f"resuming {run_dir} after task {state['task']} ({ckpt_path.name})")
 
-    results_path = run_dir / "results.json"
     batch_size = cfg.dataset.batch_size
     try:
         for t in range(start, len(scenario)):
@@ -165,9 +174,11 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             method.begin_task(t, len(task.classes), datamodule, is_last=t == len(scenario) - 1)
             if t > start:  # Lightning's per-Trainer device banner, once per run is enough
                 logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-            trainer: L.Trainer = instantiate(cfg.trainer, logger=logger, default_root_dir=str(run_dir))
+            trainer: L.Trainer = instantiate(cfg.trainer, logger=logger, default_root_dir=str(run_dir),
+                                             **cluster_plugins(cfg))
             began = time.perf_counter()
             trainer.fit(method, datamodule=datamodule)
+            logging_utils.after_fit(logger)
             method.end_task(datamodule)
             train_s = time.perf_counter() - began
 
@@ -186,11 +197,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             results.update(summary(results["accuracy_matrix"], results["task_aware_matrix"], row))
             results["tasks_completed"] = t + 1
             results["status"] = "completed" if t == len(scenario) - 1 else "running"
-            if logger and trainer.is_global_zero:
-                logger.log_metrics({f"eval/accuracy_task_{j}": a for j, a in enumerate(row.accuracy)}
-                                   | {"eval/average_accuracy": results["per_task"][-1]["average_accuracy"]},
-                                   step=t)
             if trainer.is_global_zero:
+                logging_utils.log_task(logger, results, t)
                 if cfg.checkpoint:
                     save_checkpoint(run_dir / "checkpoints" / f"task_{t}.ckpt", checkpoint_state(method, t, results))
                 write_json(results_path, results)
@@ -198,18 +206,31 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
                      f"avg acc {results['per_task'][-1]['average_accuracy']:.2f} | "
                      f"new {row.new_class_accuracy:.2f} | old {_fmt(row.old_class_accuracy)} | {train_s:.1f}s")
     except BaseException as err:
-        if results["tasks_completed"] > 0 or results_path.exists():
-            results["status"] = "failed"
-            results["error"] = f"{type(err).__name__}: {err}"
-            write_json(results_path, results)
+        results["status"] = "failed"
+        results["error"] = f"{type(err).__name__}: {err}"
+        write_json(results_path, results)
+        logging_utils.finish(logger, "failed")
         raise
-    if logger:
-        logger.log_metrics({k: v for k, v in summary_scalars(results).items()}, step=len(scenario))
-        logger.finalize("success")
+    logging_utils.log_final(logger, results, run_dir)
+    logging_utils.finish(logger, "success")
     log.info(f"final accuracy {results['final_accuracy']:.2f} | average incremental "
              f"{results['average_incremental_accuracy']:.2f} | forgetting {results['forgetting']:.2f} | "
              f"results: {results_path}")
     return results
+
+
+def requeued() -> bool:
+    """True in a SLURM job that was requeued (preemption/timeout): it continues from its last checkpoint."""
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+
+
+def cluster_plugins(cfg: DictConfig) -> dict[str, Any]:
+    """Under submitit on SLURM, submitit owns requeue: Lightning's SLURM environment must not requeue too."""
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm" or cfg.trainer.get("plugins"):
+        return {}
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    return {"plugins": [SLURMEnvironment(auto_requeue=False)]}
 
 
 def summary_scalars(results: dict[str, Any]) -> dict[str, float]:
