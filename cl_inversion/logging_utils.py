@@ -56,11 +56,13 @@ def build_logger(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None 
         tags += [f"{k}:{choices[k]}" for k in ("method", "dataset", "backbone") if k in choices]
         extra = {"group": cfg.logger.get("group") or cfg.get("experiment_name") or _sweep_name(),
                  "tags": list(dict.fromkeys(tags)),
-                 "name": cfg.logger.get("name") or _job_name(choices, cfg),
-                 "config": OmegaConf.to_container(cfg, resolve=True)}
+                 "name": cfg.logger.get("name") or _job_name(choices, cfg)}
     logger = instantiate(cfg.logger, save_dir=str(run_dir), **extra)
-    if not isinstance(logger, WandbLogger):  # W&B got the nested config in wandb.init already
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    config = OmegaConf.to_container(cfg, resolve=True)
+    if isinstance(logger, WandbLogger):  # nested, so W&B filters read `method.temperature`, not `method/temperature`
+        logger.experiment.config.update(config, allow_val_change=True)
+    else:
+        logger.log_hyperparams(config)
     return logger
 
 

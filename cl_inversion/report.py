@@ -116,14 +116,15 @@ def group_runs(runs: Sequence[Run]) -> list[Row]:
     for run in runs:
         by_base[(str(run.data.get("method")), json.dumps(run.setting(), sort_keys=True))].append(run)
     rows = []
-    for (method, setting_json), members in by_base.items():
+    for (method, _), members in by_base.items():
+        setting = members[0].setting()
         flat = [{k: v for k, v in _flatten(r.data.get("config") or {}).items() if not _ignored(k)} for r in members]
         keys = sorted(set().union(*flat))
         varying = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
         by_variant: dict[str, Row] = {}
         for run, f in zip(members, flat):
             variant = ", ".join(f"{k}={f.get(k)}" for k in varying)
-            by_variant.setdefault(variant, Row(method, json.loads(setting_json), variant)).runs.append(run)
+            by_variant.setdefault(variant, Row(method, setting, variant)).runs.append(run)
         rows += by_variant.values()
     return sorted(rows, key=lambda r: (json.dumps(r.setting, sort_keys=True, default=str), r.method, r.variant))
 
@@ -202,7 +203,8 @@ def write_plots(rows: Sequence[Row], out: Path) -> list[Path]:
             std = [statistics.stdev([c[i] for c in per_run]) if len(per_run) > 1 else 0.0 for i in range(n)]
             curves[f"{row.label} (n={len(row.runs)})"] = (mean, std)
         suffix = "" if len(by_setting) == 1 else f"_{_slug(name)}"
-        written.append(accuracy_curves(curves, out / f"accuracy_curves{suffix}.png", title=_setting_title(members[0].setting)))
+        title = _setting_title(members[0].setting)
+        written.append(accuracy_curves(curves, out / f"accuracy_curves{suffix}.png", title=title))
         for row in members:
             mean, std = _mean_matrix([run.data["accuracy_matrix"] for run in row.runs])
             title = f"{row.label} — {_setting_title(row.setting)}\nmean over {len(row.runs)} seed(s)"
