@@ -62,9 +62,10 @@ def accuracy_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]
     for k, (label, (mean, std)) in enumerate(curves.items()):
         x = list(range(1, len(mean) + 1))
         marker, line = styles[k % len(styles)]
-        ax.plot(x, mean, marker=marker, linestyle=line, label=label)
+        (drawn,) = ax.plot(x, mean, marker=marker, linestyle=line, label=label)
         if any(s > 0 for s in std):
-            ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
+            ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2,
+                            color=drawn.get_color())
     n = max((len(mean) for mean, _ in curves.values()), default=1)
     ax.set_xticks(range(1, n + 1))
     ax.set_ylim(0, 100)

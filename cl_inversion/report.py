@@ -161,7 +161,7 @@ def markdown_table(rows: Sequence[Row], failed: Sequence[Run]) -> str:
         for run in failed:
             done = f"{run.data.get('tasks_completed', 0)}/{run.data.get('n_tasks', '?')}"
             error = str(run.data.get("error", "")).replace("|", "\\|").replace("\n", " ")[:200]
-            text += f"| {run.path} | {run.data.get('method')} | {run.status} | {done} | {error} |\n"
+            text += f"| {run.path} | {run.data.get('method') or '–'} | {run.status} | {done} | {error} |\n"
     return text
 
 
