@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 from pathlib import Path
@@ -20,6 +21,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from cl_inversion import logging_utils
 from cl_inversion.data.datasets import DatasetBundle
 from cl_inversion.data.scenario import ClassIncrementalScenario
 from cl_inversion.errors import ConfigError
@@ -90,9 +92,7 @@ def build_inversion(cfg: DictConfig, method: ContinualModule) -> list[L.Callback
 
 
 def build_logger(cfg: DictConfig, run_dir: Path) -> Any:
-    if not cfg.get("logger") or "_target_" not in cfg.logger:
-        return False
-    return instantiate(cfg.logger, save_dir=str(run_dir))
+    return logging_utils.build_logger(cfg, run_dir, hydra_choices())
 
 
 def build_callbacks(cfg: DictConfig, method: ContinualModule) -> list[Any]:
@@ -209,11 +209,12 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             if t > start:  # Lightning's per-Trainer device banner, once per run is enough
                 logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
             trainer: L.Trainer = instantiate(cfg.trainer, logger=logger, default_root_dir=str(run_dir),
-                                             callbacks=callbacks)
+                                             callbacks=callbacks, **cluster_plugins(cfg))
             if t == 0:  # zero-shot retention baseline (CLIP backbones only; no-op otherwise)
                 record_zero_shot(results, method.net.backbone, scenario, batch_size, trainer.strategy.root_device)
             began = time.perf_counter()
             trainer.fit(method, datamodule=datamodule)
+            logging_utils.after_fit(logger)
             train_s = time.perf_counter() - began
             method.end_task(datamodule)
             context = TaskContext(t, run_dir, logger, datamodule, bundle.image_shape, bundle.pixel_range(),
@@ -239,11 +240,8 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             results.update(summary(results["accuracy_matrix"], results["task_aware_matrix"], row))
             results["tasks_completed"] = t + 1
             results["status"] = "completed" if t == len(scenario) - 1 else "running"
-            if logger and trainer.is_global_zero:
-                logger.log_metrics({f"eval/accuracy_task_{j}": a for j, a in enumerate(row.accuracy)}
-                                   | {"eval/average_accuracy": results["per_task"][-1]["average_accuracy"]},
-                                   step=t)
             if trainer.is_global_zero:
+                logging_utils.log_task(logger, results, t)
                 if cfg.checkpoint:
                     save_checkpoint(run_dir / "checkpoints" / f"task_{t}.ckpt",
                                     checkpoint_state(method, t, results, callbacks))
@@ -255,20 +253,23 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if results["tasks_completed"] > 0 or not results_path.exists():  # never overwrite another run's
             results.update(failure_fields(err))
             write_json(results_path, results)
+        logging_utils.finish(logger, "failed")
         raise
-    if logger:
-        logger.log_metrics({k: v for k, v in summary_scalars(results).items()}, step=len(scenario))
-        logger.finalize("success")
+    logging_utils.log_final(logger, results, run_dir)
+    logging_utils.finish(logger, "success")
     log.info(f"final accuracy {results['final_accuracy']:.2f} | average incremental "
              f"{results['average_incremental_accuracy']:.2f} | forgetting {results['forgetting']:.2f} | "
              f"results: {results_path}")
     return results
 
 
-def summary_scalars(results: dict[str, Any]) -> dict[str, float]:
-    keys = ("final_accuracy", "average_incremental_accuracy", "forgetting", "backward_transfer",
-            "old_class_accuracy", "new_class_accuracy", "task_aware_accuracy")
-    return {f"summary/{k}": results[k] for k in keys if results.get(k) is not None}
+def cluster_plugins(cfg: DictConfig) -> dict[str, Any]:
+    """Under submitit on SLURM, submitit owns requeue: Lightning's SLURM environment must not requeue too."""
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm" or cfg.trainer.get("plugins"):
+        return {}
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    return {"plugins": [SLURMEnvironment(auto_requeue=False)]}
 
 
 def _fmt(value: float | None) -> str:

@@ -157,9 +157,9 @@ class InversionCallback(ContinualCallback):
             logger.log_metrics({f"inversion_task_{context.task}/{k}": v for k, v in point.items() if k != "step"},
                                step=int(point["step"]))
         if grid_path is not None:
-            from cl_inversion.logging_images import log_image
+            from cl_inversion.logging_utils import log_image
 
-            log_image(logger, f"inversion/task_{context.task}", grid_path, context.task)
+            log_image(logger, f"inversion/task_{context.task}", grid_path, step=context.task)
 
     def results(self) -> dict[str, Any]:
         return {"inversion": self.history}

@@ -95,7 +95,7 @@ class ContinualModule(L.LightningModule):
         out = self.loss(x, y)
         terms = out if isinstance(out, dict) else {"loss": out}
         self.log_dict({f"task_{self.task}/{k}": v.detach() for k, v in terms.items()},
-                      on_step=False, on_epoch=True, prog_bar=False, batch_size=len(y))
+                      on_step=False, on_epoch=True, prog_bar=False, batch_size=len(y), sync_dist=True)
         self.log("loss", terms["loss"].detach(), on_step=True, on_epoch=False, prog_bar=True, logger=False)
         return terms["loss"]
 
