@@ -135,6 +135,11 @@ def failure_recorded(results_path: Path, cfg: DictConfig) -> Iterator[None]:
                 config = OmegaConf.to_container(cfg, resolve=True)
             except Exception:
                 config = None
+            from cl_inversion.run import hydra_choices
+
+            choices = hydra_choices()
             write_json(results_path, {**failure_fields(err), "tasks_completed": 0, "accuracy_matrix": [],
+                                      "n_tasks": cfg.scenario.n_tasks, "seed": cfg.seed,
+                                      **{k: choices.get(k) for k in ("method", "dataset", "backbone")},
                                       "config": config})
         raise

@@ -1,8 +1,9 @@
 from cl_inversion.inversion.callback import ContinualCallback, InversionCallback, TaskContext
 from cl_inversion.inversion.common import BNStatistics, SynthesisError
 from cl_inversion.inversion.generator import Generator, GeneratorInversion
+from cl_inversion.inversion.per_layer import PerLayerInversion
 from cl_inversion.inversion.pixel import PixelInversion
 from cl_inversion.inversion.replay import BufferReplay, GeneratorReplay
 
 __all__ = ["ContinualCallback", "InversionCallback", "TaskContext", "BNStatistics", "SynthesisError", "Generator",
-           "GeneratorInversion", "PixelInversion", "BufferReplay", "GeneratorReplay"]
+           "GeneratorInversion", "PerLayerInversion", "PixelInversion", "BufferReplay", "GeneratorReplay"]

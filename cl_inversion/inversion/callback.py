@@ -99,8 +99,10 @@ class InversionCallback(ContinualCallback):
             return
         teacher = self.teacher_of(method)
         self.engine.setup(context.image_shape, context.pixel_range)
-        classes = list(range(method.n_seen))
         began = time.perf_counter()
+        if hasattr(self.engine, "observe"):  # engines that model real features (PMI) see the task's data
+            self.engine.observe(teacher, context.datamodule.plain_train_dataloader(), self.images, self.labels)
+        classes = list(range(method.n_seen))
         images, labels = self.engine.synthesize(teacher, classes, self.n_images)
         wall_s = time.perf_counter() - began
         self.images, self.labels = images.detach().cpu(), labels.cpu()

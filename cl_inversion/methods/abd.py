@@ -20,12 +20,6 @@ class ABD(ContinualModule):
         super().__init__(*args, inversion=inversion, **kwargs)
         self.kd_weight = kd_weight
 
-    def class_balance(self, targets: Tensor) -> Tensor:
-        """Old-class samples weigh n_old/n_seen, new-class samples n_new/n_seen: equal weight per class
-        when a batch is half real (new classes) and half synthetic (old classes)."""
-        old_share = self.n_old / self.n_seen
-        return torch.where(targets < self.n_old, old_share, 1.0 - old_share)
-
     def loss(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         if self.replay is None or self.previous is None:
             ce = self.seen_cross_entropy(self(x), y)

@@ -113,6 +113,12 @@ class ContinualModule(L.LightningModule):
         """Cross-entropy over all classes seen so far (task-agnostic)."""
         return F.cross_entropy(logits[:, : self.n_seen], y)
 
+    def class_balance(self, targets: Tensor) -> Tensor:
+        """Per-sample weights: old-class samples n_old/n_seen, new-class samples n_new/n_seen — equal weight
+        per class when a batch is half real (new classes) and half synthetic (old classes), as in ABD."""
+        old_share = self.n_old / self.n_seen
+        return torch.where(targets < self.n_old, old_share, 1.0 - old_share)
+
     def local_cross_entropy(self, logits: Tensor, y: Tensor) -> Tensor:
         """Cross-entropy over the current task's outputs only (labels shifted to that slice)."""
         return F.cross_entropy(logits[:, self.n_old : self.n_seen], y - self.n_old)

@@ -1,0 +1,9 @@
+"""R-DFCIL (Gao et al., ECCV 2022): a fresh generator per task (the `rdfcil_generator` engine: 5k steps,
+batch 128, τ=1000, smoothness 1e-3, BN-KL 50) replayed to the relation-guided student."""
+
+from cl_inversion.methods.relation import RelationGuided
+
+
+class RDFCIL(RelationGuided):
+    def __init__(self, *args, inversion: str = "rdfcil_generator", **kwargs) -> None:
+        super().__init__(*args, inversion=inversion, **kwargs)
