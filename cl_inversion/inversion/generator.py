@@ -106,6 +106,7 @@ class GeneratorInversion:
     def _train(self, teacher: nn.Module, n_classes: int) -> None:
         generator = self.generator
         generator.train()
+        generator.requires_grad_(True)  # the previous task's replay froze it while the student trained
         progress = SynthesisProgress(self.steps, "ABD generator", self.stats, self.log_every, self.progress)
         with frozen_eval(teacher), BNStatistics(teacher) as bn:
             if not len(bn):

@@ -2,7 +2,7 @@
 
 For a batch of target features (sampled from class Gaussians, see `features.py`):
   1. invert the backbone block by block from the last to the first: each block's *input* is optimised
-     so that the block reproduces its target output (MSE) with the block's BatchNorm statistics (KL)
+     so that the block reproduces its target output (relative MSE) with the block's BatchNorm statistics (KL)
      and a prior from the preceding BatchNorm (the input's channel statistics vs N(β, γ²)); the
      optimised input becomes the previous block's target; ~50 cheap steps per block;
   2. the resulting image initialises a short full-model inversion (~160 steps): MSE to the target
@@ -38,6 +38,11 @@ from cl_inversion.inversion.replay import BufferReplay
 
 def pooled(x: Tensor) -> Tensor:
     return x.mean(dim=(2, 3)) if x.dim() == 4 else x
+
+
+def relative_mse(output: Tensor, target: Tensor) -> Tensor:
+    """MSE divided by the target's mean square: comparable across blocks whose activations differ in scale."""
+    return F.mse_loss(output, target) / (target.pow(2).mean() + 1e-8)
 
 
 def last_batchnorm(module: nn.Module) -> nn.modules.batchnorm._BatchNorm | None:
@@ -146,7 +151,7 @@ class PerLayerInversion:
                     for step in range(self.layer_steps):
                         x = u if is_image or not relu_inputs else F.relu(u)
                         out = block(x)
-                        rec = F.mse_loss(pooled(out) if k == len(blocks) - 1 else out, target)
+                        rec = relative_mse(pooled(out) if k == len(blocks) - 1 else out, target)
                         loss = rec + (self.bn_weight * bn.kl() if len(bn) else 0.0)
                         if prior is not None and not is_image:
                             dims = [0] + list(range(2, u.dim()))

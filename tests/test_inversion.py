@@ -1,0 +1,216 @@
+"""Synthesis engines and the inversion callback: each loss term on tiny tensors, real runs on digits."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import read_results
+from torch import nn
+
+from cl_inversion.inversion import BNStatistics, GeneratorInversion, PerLayerInversion, PixelInversion, SynthesisError
+from cl_inversion.inversion.callback import frechet_distance
+from cl_inversion.inversion.common import balanced_labels, gaussian_blur, gaussian_kl, total_variation_l2
+from cl_inversion.inversion.features import ClassGaussians, sample_aligned_features
+from cl_inversion.models import IncrementalClassifier, SmallCNN
+
+PIXEL_RANGE = (torch.full((1, 1, 1), -1.0), torch.full((1, 1, 1), 2.0))
+
+
+def tiny_teacher(n_classes=4, seed=0):
+    torch.manual_seed(seed)
+    net = IncrementalClassifier(SmallCNN(1, width=8))
+    net.head.grow(n_classes)
+    net.train()
+    with torch.no_grad():  # give the BN layers non-trivial running statistics
+        for _ in range(5):
+            net(torch.randn(64, 1, 8, 8) * 1.5 + 0.3)
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def trained_teacher():
+    """A small CNN trained on digits 0-3 (a few hundred SGD steps, ~2 s)."""
+    from cl_inversion.data import digits
+
+    bundle = digits()
+    keep = bundle.train.targets < 4
+    x = torch.stack([bundle.train[i][0] for i in keep.nonzero().flatten().tolist()])
+    y = bundle.train.targets[keep]
+    torch.manual_seed(0)
+    net = IncrementalClassifier(SmallCNN(1, width=8))
+    net.head.grow(4)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    for step in range(150):
+        idx = torch.randint(len(y), (64,))
+        loss = F.cross_entropy(net(x[idx]), y[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return net.eval()
+
+
+def test_bn_hook_matches_hand_computation():
+    bn = nn.BatchNorm2d(3)
+    bn.running_mean = torch.tensor([0.5, -1.0, 0.0])
+    bn.running_var = torch.tensor([1.0, 4.0, 0.25])
+    bn.eval()
+    x = torch.randn(16, 3, 5, 5) * 2 + 1
+    with BNStatistics(nn.Sequential(bn)) as stats:
+        bn(x)
+        mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+        # KL(N(mu_r, s_r) || N(mu_b, s_b)) = log(s_b/s_r) + (s_r^2 + (mu_r - mu_b)^2) / (2 s_b^2) - 1/2
+        kl = (torch.log(var.sqrt() / bn.running_var.sqrt())
+              + (bn.running_var + (bn.running_mean - mean) ** 2) / (2 * var) - 0.5).mean()
+        assert torch.allclose(stats.kl(), kl, atol=1e-5)
+        di = torch.linalg.vector_norm(mean - bn.running_mean) + torch.linalg.vector_norm(var - bn.running_var)
+        assert torch.allclose(stats.norm_distance(first_multiplier=10.0), 10 * di, atol=1e-4)
+    assert torch.allclose(gaussian_kl(torch.zeros(2), torch.ones(2), torch.zeros(2), torch.ones(2)), torch.zeros(2))
+
+
+def test_first_bn_layer_is_weighted_and_sum_vs_mean():
+    teacher = tiny_teacher()
+    with BNStatistics(teacher) as stats:
+        teacher(torch.randn(8, 1, 8, 8))
+        assert len(stats) == 3
+        per_layer = [torch.linalg.vector_norm(m - layer.running_mean) + torch.linalg.vector_norm(v - layer.running_var)
+                     for layer, (m, v) in zip(stats.layers, stats.batch)]
+        expected = 10 * per_layer[0] + per_layer[1] + per_layer[2]
+        assert torch.allclose(stats.norm_distance(10.0), expected)
+        assert torch.allclose(stats.kl("sum"), 3 * stats.kl("mean"))
+
+
+def test_image_priors():
+    flat = torch.ones(2, 1, 6, 6)
+    assert total_variation_l2(flat) == 0
+    stripes = torch.zeros(1, 1, 4, 4)
+    stripes[..., ::2] = 1.0
+    assert total_variation_l2(stripes) == pytest.approx(1.0)  # every horizontal neighbour differs by 1
+    assert torch.allclose(gaussian_blur(flat), flat, atol=1e-6)  # a blur keeps constants
+    noise = torch.randn(1, 3, 16, 16)
+    assert gaussian_blur(noise).var() < noise.var()
+
+
+def test_balanced_labels():
+    labels = balanced_labels([0, 1, 2], 10)
+    assert torch.bincount(labels).tolist() == [4, 3, 3]
+
+
+def test_pixel_engine_reaches_its_targets_and_stays_in_range(trained_teacher):
+    teacher = trained_teacher
+    engine = PixelInversion(steps=60, batch_size=16, lr=0.25, bn_weight=0.1, progress=False)
+    engine.setup((1, 8, 8), PIXEL_RANGE)
+    images, labels = engine.synthesize(teacher, [0, 1, 2, 3], 24)
+    assert images.shape == (24, 1, 8, 8) and torch.bincount(labels).tolist() == [6, 6, 6, 6]
+    assert images.min() >= -1.0 and images.max() <= 2.0
+    accuracy = (teacher(images).argmax(1) == labels).float().mean()
+    assert accuracy >= 0.9
+    assert engine.stats.full_model_passes == 2 * 60  # two chunks of 16 images
+    assert engine.stats.curve and {"ce", "bn", "tv"} <= set(engine.stats.curve[-1])
+
+
+def test_nan_loss_stops_synthesis_naming_engine_and_step():
+    teacher = tiny_teacher()
+    with torch.no_grad():
+        teacher.head.slices[0].weight.fill_(float("nan"))
+    engine = PixelInversion(steps=5, batch_size=8, progress=False)
+    engine.setup((1, 8, 8), PIXEL_RANGE)
+    with pytest.raises(SynthesisError, match="pixel synthesis: loss is nan at step 0"):
+        engine.synthesize(teacher, [0, 1], 8)
+    generator = GeneratorInversion(steps=5, batch_size=8, z_dim=16, progress=False, nan_retries=1)
+    generator.setup((1, 8, 8), PIXEL_RANGE)
+    with pytest.raises(SynthesisError, match="generator synthesis"):
+        generator.synthesize(teacher, [0, 1], 8)
+    assert any("NaN" in note for note in generator.stats.notes)  # it retried once before giving up
+
+
+def test_generator_engine_trains_and_keeps_its_generator():
+    teacher = tiny_teacher()
+    engine = GeneratorInversion(steps=30, batch_size=32, z_dim=32, progress=False)
+    engine.setup((1, 8, 8), PIXEL_RANGE)
+    images, labels = engine.synthesize(teacher, [0, 1, 2, 3], 40)
+    assert images.shape == (40, 1, 8, 8) and torch.bincount(labels, minlength=4).tolist() == [10, 10, 10, 10]
+    first = engine.generator
+    engine.synthesize(teacher, [0, 1, 2, 3], 8)
+    assert engine.generator is first  # kept across tasks (ABD)
+    replay = engine.replay(teacher, images, labels)
+    x, y = replay.sample(5)
+    assert x.shape == (5, 1, 8, 8) and torch.equal(y, teacher(x).argmax(1))
+
+
+def test_per_layer_engine_reduces_each_blocks_reconstruction_error():
+    teacher = tiny_teacher()
+    engine = PerLayerInversion(layer_steps=40, full_steps=20, batch_size=32, progress=False)
+    engine.setup((1, 8, 8), PIXEL_RANGE)
+    real = [(torch.randn(32, 1, 8, 8), torch.tensor([0, 1, 2, 3] * 8))]
+    engine.observe(teacher, real, None, None)
+    images, labels = engine.synthesize(teacher, [0, 1, 2, 3], 32)
+    assert len(engine.block_losses) == 3
+    for first, last in engine.block_losses:
+        assert last < first
+    # a block step costs its FLOP share, a full step 1: total strictly between the two extremes
+    assert 20 < engine.stats.full_model_passes < 20 + 40 * 3
+    assert images.shape == (32, 1, 8, 8)
+
+
+def test_class_gaussians_match_numpy():
+    torch.manual_seed(0)
+    features = torch.randn(200, 5) * torch.tensor([1.0, 2.0, 0.5, 1.0, 3.0]) + 2
+    labels = torch.tensor([0, 1] * 100)
+    gaussians = ClassGaussians("diagonal", eps=0.0)
+    gaussians.fit(features, labels)
+    f0 = features[labels == 0].numpy().astype(np.float64)
+    assert np.allclose(gaussians.mean[0].numpy(), f0.mean(0), atol=1e-5)
+    assert np.allclose(gaussians.cov[0].numpy(), f0.var(0, ddof=1), atol=1e-4)
+    full = ClassGaussians("full", eps=0.0)
+    full.fit(features, labels)
+    assert np.allclose(full.cov[1].numpy(), np.cov(features[labels == 1].numpy().T), atol=1e-4)
+    assert full.sample(1, 7).shape == (7, 5)
+
+
+def test_contrastive_selection_returns_requested_count_restandardised():
+    torch.manual_seed(0)
+    gaussians = ClassGaussians()
+    gaussians.fit(torch.cat([torch.randn(100, 4), torch.randn(100, 4) + 1.5]), torch.tensor([0] * 100 + [1] * 100))
+    labels = torch.tensor([0] * 30 + [1] * 20)
+    targets = sample_aligned_features(gaussians, labels, oversample=2, selector_steps=50)
+    assert targets.shape == (50, 4)
+    assert torch.allclose(targets[:30].mean(0), gaussians.mean[0], atol=1e-4)
+    assert torch.allclose(targets[30:].std(0), gaussians.std(1), atol=1e-3)
+
+
+def test_frechet_distance_zero_for_same_set_positive_for_shift():
+    a = torch.randn(200, 3)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert frechet_distance(a, a + 2) == pytest.approx(12.0, rel=1e-3)
+
+
+@pytest.mark.parametrize("method", ["deepinversion", "abd", "pmi"])
+def test_cli_inversion_methods_on_digits(cli, tmp_path, method):
+    cli(f"method={method}", "scenario.n_tasks=3", "scenario.first_task_classes=4", "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false", "inversion.n_images=40", "inversion.pixel.steps=5",
+        "inversion.generator.steps=5", "inversion.per_layer.layer_steps=3", "inversion.per_layer.full_steps=3",
+        run_dir=tmp_path)
+    res = read_results(tmp_path)
+    assert res["status"] == "completed" and len(res["accuracy_matrix"]) == 3
+    inversion = res["inversion"]
+    assert [r["task"] for r in inversion] == [0, 1]  # between tasks, not after the last one
+    for record in inversion:
+        for key in ("wall_s", "full_model_passes", "teacher_accuracy", "bn_distance", "feature_distance"):
+            assert record[key] is not None and record[key] >= 0, key
+        assert record["n_images"] == 40
+    assert sorted(p.name for p in (tmp_path / "inversion").glob("*.png")) == ["task_0.png", "task_1.png"]
+    metrics = (tmp_path / "logs" / "metrics.csv").read_text()
+    assert "inversion/teacher_accuracy" in metrics and "inversion_task_0/" in metrics
+    ckpt = torch.load(tmp_path / "checkpoints" / "task_1.ckpt", weights_only=False)
+    assert "InversionCallback" in ckpt["callbacks"]
+    json.dumps(res)  # results stay plain JSON
+
+
+def test_any_engine_pairs_with_any_student(cli, tmp_path):
+    cli("method=deepinversion", "method.inversion=generator", "scenario.n_tasks=2", "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false", "inversion.n_images=20", "inversion.generator.steps=3", run_dir=tmp_path)
+    assert read_results(tmp_path)["inversion"][0]["engine"] == "generator"
+    bad = cli("method=abd", "method.inversion=dreams", run_dir=tmp_path / "bad", check=False)
+    assert bad.returncode != 0 and "method.inversion='dreams'" in bad.stderr and "Traceback" not in bad.stderr
