@@ -6,5 +6,6 @@ from cl_inversion.methods.finetune import Finetune
 from cl_inversion.methods.joint import Joint
 from cl_inversion.methods.l2 import L2
 from cl_inversion.methods.lwf import LwF
+from cl_inversion.methods.vdfd import VDFD
 
-__all__ = ["ABD", "ContinualModule", "DeepInversion", "EWC", "Finetune", "Joint", "L2", "LwF"]
+__all__ = ["ABD", "ContinualModule", "DeepInversion", "EWC", "Finetune", "Joint", "L2", "LwF", "VDFD"]
