@@ -116,6 +116,8 @@ def test_keeps_no_network_copy_and_no_data_and_little_memory(scenario):
         m.begin_task(t, 2, dm)
         m.end_task(dm)
     assert m.previous is None
+    norms = sum((u.norm(dim=1) * v.norm(dim=1)) ** 2 for u, v in m.factors.values())
+    assert torch.allclose(norms, torch.ones(4))  # normalize=True: unit-norm compressed gradient per class
     assert set(dict(m.named_children())) == {"net", "gcn"}
     assert not [k for k, v in vars(m).items() if isinstance(v, nn.Module)]
 
