@@ -165,11 +165,11 @@ def test_checkpoint_resume_restores_the_regulariser(scenario, tmp_path):
 
 
 def test_cli_run_on_digits(tmp_path):
-    run_cli("method=vdfd", *FAST, run_dir=tmp_path)
+    run_cli("method=vdfd", "scenario.n_tasks=2", *FAST, run_dir=tmp_path)
     results = read_results(tmp_path)
-    assert results["status"] == "completed" and results["tasks_completed"] == 5
+    assert results["status"] == "completed" and results["tasks_completed"] == 2
     assert 0 < results["final_accuracy"] <= 100
     header, *rows = (tmp_path / "logs" / "metrics.csv").read_text().splitlines()
-    column = header.split(",").index("task_4/quadratic")
+    column = header.split(",").index("task_1/quadratic")
     values = [float(r.split(",")[column]) for r in rows if r.split(",")[column]]
     assert values and all(math.isfinite(v) and v >= 0 for v in values)
