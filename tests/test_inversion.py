@@ -42,7 +42,7 @@ def trained_teacher():
     net = IncrementalClassifier(SmallCNN(1, width=8))
     net.head.grow(4)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-    for step in range(150):
+    for _ in range(150):
         idx = torch.randint(len(y), (64,))
         loss = F.cross_entropy(net(x[idx]), y[idx])
         optimizer.zero_grad()

@@ -9,6 +9,7 @@ from cl_inversion.methods.lwf import LwF
 from cl_inversion.methods.pmi import PMI
 from cl_inversion.methods.rdfcil import RDFCIL
 from cl_inversion.methods.relation import RelationGuided
+from cl_inversion.methods.vdfd import VDFD
 
 __all__ = ["ABD", "ContinualModule", "DeepInversion", "EWC", "Finetune", "Joint", "L2", "LwF", "PMI", "RDFCIL",
-           "RelationGuided"]
+           "RelationGuided", "VDFD"]
