@@ -1,0 +1,22 @@
+"""The benchmark harness runs and reports (no timing assertion: this machine's load varies)."""
+
+import json
+
+from benchmarks import run_all
+
+
+def test_loop_overhead_json_through_run_all(tmp_path, monkeypatch, capsys):
+    """`python -m benchmarks.loop_overhead --steps 1 --rounds 1` in a subprocess: its last stdout line is the
+    JSON that run_all stores (atomically); an absent benchmark module is skipped."""
+    monkeypatch.setattr(run_all, "BENCHMARKS", {"loop_overhead": ["--steps", "1", "--rounds", "1"],
+                                                "no_such_benchmark": []})
+    assert run_all.main(["--results", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "loop_overhead.json").read_text())
+    assert result["framework_s"] > 0 and result["raw_s"] > 0 and result["ratio"] > 0
+    assert result["steps"] == 1 and result["trainer"]["max_epochs"] == 1
+    assert not (tmp_path / "no_such_benchmark.json").exists() and not list(tmp_path.glob("*.tmp"))
+    assert "no_such_benchmark: skipped" in capsys.readouterr().out
+
+
+def test_last_json_line():
+    assert run_all.last_json('progress\n{"ratio": 1.0}\n') == {"ratio": 1.0}
