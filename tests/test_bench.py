@@ -20,3 +20,19 @@ def test_loop_overhead_json_through_run_all(tmp_path, monkeypatch, capsys):
 
 def test_last_json_line():
     assert run_all.last_json('progress\n{"ratio": 1.0}\n') == {"ratio": 1.0}
+
+
+def test_inversion_speed_reports_both_engines_and_speedups():
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.inversion_speed", "--quick", "--images", "32"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("speedup_passes", "speedup_wall", "deepinversion", "pmi", "target", "speedup_passes_accuracy"):
+        assert key in result
+    assert result["deepinversion"]["passes"] > 0
+    assert 0 < result["pmi_per_layer_passes"] <= 50  # 50 steps per block, each at its FLOP share

@@ -13,6 +13,7 @@ counting its share of the network's FLOPs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -69,7 +70,7 @@ class PerLayerInversion:
     name = "per_layer"
 
     def __init__(self, layer_steps: int = 50, full_steps: int = 160, batch_size: int = 256, layer_lr: float = 0.1,
-                 lr: float = 0.05, feature_weight: float = 1.0, ce_weight: float = 1.0, bn_weight: float = 1.0,
+                 lr: float = 0.05, feature_weight: float = 1.0, ce_weight: float = 1.0, bn_weight: float = 10.0,
                  prior_weight: float = 1.0, tv_weight: float = 2.5e-5, jitter: int = 2, flip: bool = True,
                  covariance: str = "diagonal", oversample: int = 2, progress: bool = True,
                  log_every: int = 10) -> None:
@@ -84,6 +85,7 @@ class PerLayerInversion:
         self.stats = SynthesisStats()
         self.last_targets: Tensor | None = None
         self.block_losses: list[tuple[float, float]] = []  # per block: (first, last) reconstruction MSE
+        self.step_hook = None  # optional callable(images, step) after each full-model step (benchmarks)
 
     def setup(self, image_shape: Sequence[int], pixel_range: tuple[Tensor, Tensor]) -> None:
         self.image_shape = tuple(image_shape)
@@ -184,6 +186,8 @@ class PerLayerInversion:
         try:
             with BNStatistics(teacher) as bn:
                 for step in range(self.full_steps):
+                    for group in optimizer.param_groups:  # cosine schedule, as DeepInversion's
+                        group["lr"] = 0.5 * self.lr * (1 + math.cos(math.pi * step / self.full_steps))
                     view = jitter_flip(x, self.jitter, self.flip)
                     features = teacher.features(view)
                     logits = teacher.head(features)
@@ -200,6 +204,8 @@ class PerLayerInversion:
                         x.copy_(clamp_to(x, low, high))
                     self.stats.full_model_passes += 1
                     progress.update({"feature": feat, "ce": ce, "bn": bn_term})
+                    if self.step_hook is not None:
+                        self.step_hook(x.detach(), step)
         finally:
             progress.close()
         return x.detach()

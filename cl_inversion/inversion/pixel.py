@@ -48,6 +48,7 @@ class PixelInversion:
         self.image_shape: tuple[int, ...] = ()
         self.pixel_range: tuple[Tensor, Tensor] | None = None
         self.stats = SynthesisStats()
+        self.step_hook = None  # optional callable(images, step): benchmarks watch quality per step
 
     def setup(self, image_shape: Sequence[int], pixel_range: tuple[Tensor, Tensor]) -> None:
         self.image_shape = tuple(image_shape)
@@ -103,6 +104,8 @@ class PixelInversion:
                     x.copy_(clamp_to(x, low, high))
                 self.stats.full_model_passes += 1
                 progress.update({"loss": loss, "ce": ce, "bn": bn_term, "tv": tv})
+                if self.step_hook is not None:
+                    self.step_hook(x.detach(), step)
         finally:
             progress.close()
         return x.detach()

@@ -1,0 +1,177 @@
+"""PMI's claim, measured: per-layer inversion as the initialisation of full-model inversion reaches
+DeepInversion's end quality in far fewer full-model passes.
+
+On one frozen teacher (trained here), synthesise the same images with (a) DeepInversion from noise
+and (b) per-layer init + full-model inversion, side by side in one process. Quality target =
+DeepInversion's own end quality: teacher accuracy on the batch (≥) and BN distance (≤; ViTs have no BN,
+so accuracy alone). For each: full-model passes (per-layer steps at their FLOP share) and wall time
+until the target is first met (quality checks are not timed). Last output line: one JSON object.
+
+    python -m benchmarks.inversion_speed [--quick] [--dataset digits|cifar10] [--backbone clip_tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+
+from cl_inversion.inversion import BNStatistics, PerLayerInversion, PixelInversion
+from cl_inversion.inversion.common import balanced_labels, frozen_eval
+from cl_inversion.models import IncrementalClassifier
+from cl_inversion.run import build_dataset, compose
+
+SETTINGS = {  # dataset -> (overrides, teacher epochs, teacher subset)
+    "digits": (["dataset=digits", "backbone=small_cnn"], 15, None),
+    "cifar10": (["dataset=imagefolder", "backbone=resnet32"], 4, 10000),
+}
+
+
+def train_teacher(cfg, bundle, epochs: int, subset: int | None, quick: bool) -> IncrementalClassifier:
+    torch.manual_seed(0)
+    net = IncrementalClassifier(instantiate(cfg.backbone))
+    net.grow(bundle.num_classes) if hasattr(net, "grow") else net.head.grow(bundle.num_classes)
+    n = len(bundle.train) if subset is None else min(subset // (2 if quick else 1), len(bundle.train))
+    index = torch.randperm(len(bundle.train))[:n]
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(bundle.train, index.tolist()), batch_size=128,
+                                         shuffle=True)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.1, total_steps=epochs * len(loader))
+    net.train()
+    for _ in range(epochs):
+        for x, y in loader:
+            loss = F.cross_entropy(net(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    net.eval().requires_grad_(False)
+    return net
+
+
+@torch.no_grad()
+def quality(teacher, images, labels) -> dict[str, float | None]:
+    with frozen_eval(teacher), BNStatistics(teacher) as bn:
+        accuracy = 100.0 * float((teacher(images).argmax(1) == labels).float().mean())
+        return {"teacher_accuracy": accuracy, "bn_distance": float(bn.kl()) if len(bn) else None}
+
+
+class Watch:
+    """Step hook: records quality every `every` steps with the clock stopped while it checks."""
+
+    def __init__(self, teacher, labels, engine, every: int, target: dict | None = None) -> None:
+        self.teacher, self.labels, self.engine, self.every, self.target = teacher, labels, engine, every, target
+        self.paused = 0.0
+        self.started = time.perf_counter()
+        self.reached: dict[str, Any] | None = None  # both criteria
+        self.reached_accuracy: dict[str, Any] | None = None
+        self.curve: list[dict[str, Any]] = []
+
+    def meets(self, q: dict, accuracy_only: bool = False) -> bool:
+        t = self.target
+        ok = q["teacher_accuracy"] >= t["teacher_accuracy"]
+        if not accuracy_only and t["bn_distance"] is not None and q["bn_distance"] is not None:
+            ok = ok and q["bn_distance"] <= t["bn_distance"]
+        return ok
+
+    def __call__(self, images, step: int) -> None:
+        if (step + 1) % self.every:
+            return
+        pause = time.perf_counter()
+        q = quality(self.teacher, images, self.labels)
+        point = {"step": step + 1, "passes": self.engine.stats.full_model_passes,
+                 "wall_s": pause - self.started - self.paused, **q}
+        self.curve.append(point)
+        if self.target is not None and self.reached is None and self.meets(q):
+            self.reached = point
+        if self.target is not None and self.reached_accuracy is None and self.meets(q, accuracy_only=True):
+            self.reached_accuracy = point
+        self.paused += time.perf_counter() - pause
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller budgets (under 10 minutes on 2 cores)")
+    parser.add_argument("--dataset", choices=sorted(SETTINGS), default="digits")
+    parser.add_argument("--backbone", default=None, help="override the backbone config (e.g. clip_tiny)")
+    parser.add_argument("--images", type=int, default=None)
+    parser.add_argument("--verbose", action="store_true", help="print the quality curves")
+    parser.add_argument("--pmi-full-steps", type=int, default=160, help="PMI's full-model budget (paper: ~160)")
+    parser.add_argument("--pmi-bn-weight", type=float, default=None, help="override per_layer bn_weight")
+    args = parser.parse_args(argv)
+
+    overrides, epochs, subset = SETTINGS[args.dataset]
+    if args.backbone:
+        overrides = [o for o in overrides if not o.startswith("backbone=")] + [f"backbone={args.backbone}"]
+    cfg = compose(overrides)
+    bundle = build_dataset(cfg)
+    began = time.perf_counter()
+    teacher = train_teacher(cfg, bundle, epochs if not args.quick else max(2, epochs // 2), subset, args.quick)
+    teacher_s = time.perf_counter() - began
+    n = args.images or (128 if args.quick else 256)
+    classes = list(range(bundle.num_classes))
+    labels = balanced_labels(classes, n)
+    pixel_range = bundle.pixel_range()
+    di_steps = 400 if args.quick else 2000
+    small = args.dataset == "digits"
+    every = 5
+
+    torch.manual_seed(1)
+    di = PixelInversion(steps=di_steps, batch_size=n, lr=0.25 if small else 0.05, progress=False)
+    di.setup(bundle.image_shape, pixel_range)
+    watch_di = Watch(teacher, labels, di, every)
+    di.step_hook = watch_di
+    images, _ = di.synthesize(teacher, classes, n)
+    target = quality(teacher, images, labels)
+    watch_di.target = target
+    reached_di = next(p for p in watch_di.curve if watch_di.meets(p))
+    reached_di_accuracy = next(p for p in watch_di.curve if watch_di.meets(p, accuracy_only=True))
+
+    torch.manual_seed(1)
+    pmi_args = {} if args.pmi_bn_weight is None else {"bn_weight": args.pmi_bn_weight}
+    pmi = PerLayerInversion(layer_steps=50, full_steps=args.pmi_full_steps, batch_size=n, lr=0.25 if small else 0.05,
+                            progress=False, **pmi_args)
+    pmi.setup(bundle.image_shape, pixel_range)
+    real = [(bundle.train[i][0][None], bundle.train.targets[i : i + 1]) for i in range(0, len(bundle.train), 7)]
+    pmi.observe(teacher, [(torch.cat([x for x, _ in real]), torch.cat([y for _, y in real]))], None, None)
+    watch_pmi = Watch(teacher, labels, pmi, every, target)
+    pmi.step_hook = watch_pmi
+    pmi.synthesize(teacher, classes, n)
+    reached_pmi, reached_pmi_accuracy = watch_pmi.reached, watch_pmi.reached_accuracy
+
+    def summary(point: dict | None) -> dict | None:
+        return None if point is None else {k: point[k] for k in ("step", "passes", "wall_s", "teacher_accuracy",
+                                                                 "bn_distance")}
+
+    result = {
+        "dataset": args.dataset, "backbone": cfg.backbone._target_.rsplit(".", 1)[-1] if not args.backbone
+        else args.backbone, "n_images": n, "quick": args.quick, "teacher_train_s": teacher_s,
+        "target": target, "deepinversion": summary(reached_di),
+        "pmi": summary(reached_pmi), "pmi_end": summary(watch_pmi.curve[-1]),
+        "pmi_per_layer_passes": pmi.stats.full_model_passes - pmi.full_steps,
+        # equal quality = both criteria; null when PMI's budget never reaches it
+        "speedup_passes": None if reached_pmi is None else reached_di["passes"] / reached_pmi["passes"],
+        "speedup_wall": None if reached_pmi is None else reached_di["wall_s"] / reached_pmi["wall_s"],
+        # teacher accuracy alone (the criterion that applies to ViTs, which have no BN statistics)
+        "deepinversion_accuracy_only": summary(reached_di_accuracy),
+        "pmi_accuracy_only": summary(reached_pmi_accuracy),
+        "speedup_passes_accuracy": None if reached_pmi_accuracy is None
+        else reached_di_accuracy["passes"] / reached_pmi_accuracy["passes"],
+        "speedup_wall_accuracy": None if reached_pmi_accuracy is None
+        else reached_di_accuracy["wall_s"] / reached_pmi_accuracy["wall_s"],
+    }
+    if args.verbose:
+        for name, watch in (("deepinversion", watch_di), ("pmi", watch_pmi)):
+            for point in watch.curve[:: max(1, len(watch.curve) // 8)]:
+                print(name, {k: round(v, 4) if isinstance(v, float) else v for k, v in point.items()})
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
