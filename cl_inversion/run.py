@@ -27,7 +27,7 @@ from cl_inversion.data.scenario import ClassIncrementalScenario
 from cl_inversion.errors import ConfigError
 from cl_inversion.inversion.callback import ContinualCallback, TaskContext
 from cl_inversion.io import CHECKPOINT_FORMAT, save_checkpoint, write_json
-from cl_inversion.methods.base import ContinualModule
+from cl_inversion.methods.base import ContinualModule, state_bytes
 from cl_inversion.metrics import evaluate, summary
 from cl_inversion.models.head import IncrementalClassifier
 from cl_inversion.resume import (
@@ -238,6 +238,8 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 "train_time_s": train_s,
             })
             results.update(summary(results["accuracy_matrix"], results["task_aware_matrix"], row))
+            results["carried_state_bytes"] = method.carried_state_bytes() + sum(
+                state_bytes(cb.state_dict()) for cb in callbacks if hasattr(cb, "state_dict"))
             results["tasks_completed"] = t + 1
             results["status"] = "completed" if t == len(scenario) - 1 else "running"
             if trainer.is_global_zero:

@@ -76,6 +76,11 @@ class ContinualModule(L.LightningModule):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Inverse of `extra_state`; called on resume after `net` has its weights back."""
 
+    def carried_state_bytes(self) -> int:
+        """Memory carried across a task boundary besides the network: method state + a kept previous model."""
+        previous = state_bytes(self.previous.state_dict()) if self.previous is not None else 0
+        return state_bytes(self.extra_state()) + previous
+
     def frozen_copy(self) -> nn.Module:
         """A frozen copy of the current network, e.g. as the previous model to distil from."""
         previous = copy.deepcopy(self.net).eval()
@@ -122,6 +127,17 @@ class ContinualModule(L.LightningModule):
     def local_cross_entropy(self, logits: Tensor, y: Tensor) -> Tensor:
         """Cross-entropy over the current task's outputs only (labels shifted to that slice)."""
         return F.cross_entropy(logits[:, self.n_old : self.n_seen], y - self.n_old)
+
+
+def state_bytes(state: Any) -> int:
+    """Bytes of every tensor in a (nested dict/list/tuple) state, e.g. a method's `extra_state()`."""
+    if isinstance(state, Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    return 0
 
 
 def distillation(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cl_inversion.methods.base import ContinualModule
+from cl_inversion.methods.base import ContinualModule, state_bytes
 
 
 def rank1(grad: Tensor, niter: int = 4) -> tuple[Tensor, Tensor]:
@@ -71,17 +71,6 @@ class GCN(nn.Module):
         hidden = torch.relu(adjacency @ self.layer1(vectors))
         embedding = F.normalize(adjacency @ self.layer2(hidden) + F.normalize(vectors, dim=1), dim=1)
         return embedding @ embedding.T
-
-
-def state_bytes(state: Any) -> int:
-    """Bytes of every tensor in a (nested dict/list/tuple) state, e.g. a method's `extra_state()`."""
-    if isinstance(state, Tensor):
-        return state.numel() * state.element_size()
-    if isinstance(state, dict):
-        return sum(state_bytes(v) for v in state.values())
-    if isinstance(state, (list, tuple)):
-        return sum(state_bytes(v) for v in state)
-    return 0
 
 
 class VDFD(ContinualModule):

@@ -1,0 +1,65 @@
+"""The relation-guided student shared by R-DFCIL and PMI: term weights, RKD, the loss on a tiny batch."""
+
+import functools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cl_inversion.data import ClassIncrementalScenario, digits
+from cl_inversion.inversion.replay import BufferReplay
+from cl_inversion.methods import PMI, RDFCIL
+from cl_inversion.methods.relation import angle_relations, rkd_angle
+from cl_inversion.models import IncrementalClassifier, SmallCNN
+
+
+def make(cls):
+    torch.manual_seed(0)
+    return cls(IncrementalClassifier(SmallCNN(1, width=8)), optimizer=functools.partial(torch.optim.SGD, lr=0.1))
+
+
+def test_angle_relations_by_hand():
+    # three points of a right isoceles triangle: the angle at the right-angle vertex has cosine 0
+    e = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    angles = angle_relations(e).view(3, 3, 3)
+    assert angles[0, 1, 2].item() == pytest.approx(0.0, abs=1e-6)  # at vertex 0, towards 1 and 2
+    assert angles[1, 0, 2].item() == pytest.approx(math.cos(math.pi / 4), abs=1e-6)
+    assert rkd_angle(e, e * 3 + 1).item() == pytest.approx(0.0, abs=1e-6)  # relations ignore scale/shift
+    assert rkd_angle(e, e.flip(1) * torch.tensor([1.0, 2.0])) > 0
+
+
+def test_term_weights_follow_rdfcil():
+    m = make(RDFCIL)
+    m.task_sizes = [4, 2]
+    alpha, beta = math.log2(2 / 2 + 1), math.sqrt(4 / 2)
+    w = m.term_weights()
+    assert w["ce"] == pytest.approx(0.5 * (1 + 1 / alpha) / beta)
+    assert w["hkd"] == pytest.approx(0.15 * alpha * beta)
+    assert w["rkd"] == pytest.approx(0.5 * alpha * beta)
+
+
+def test_loss_adds_local_ce_hkd_and_rkd_and_projection_is_trained():
+    sc = ClassIncrementalScenario(digits(), n_tasks=5)
+    m = make(PMI)
+    assert m.inversion == "per_layer" and make(RDFCIL).inversion == "rdfcil_generator"
+    m.begin_task(0, 2, sc.datamodule(0, 8))
+    m.end_task(sc.datamodule(0, 8))
+    m.begin_task(1, 2, sc.datamodule(1, 8))
+    torch.manual_seed(1)
+    m.replay = BufferReplay(torch.randn(16, 1, 8, 8), torch.tensor([0, 1] * 8))
+    with torch.no_grad():
+        m.net.backbone.stem[0].weight.add_(0.05)
+    x, y = torch.randn(6, 1, 8, 8), torch.tensor([2, 3] * 3)
+    torch.manual_seed(2)
+    terms = m.loss(x, y)
+    torch.manual_seed(2)
+    replay_x, _ = m.replay.sample(6)
+    logits, feats = m.net.forward_with_features(torch.cat([x, replay_x]))
+    local = F.cross_entropy(logits[:6, 2:4], y - 2)
+    hkd = (logits[6:, :2] - m.previous(replay_x)).abs().mean()
+    w = m.term_weights()
+    assert torch.allclose(terms["local_ce"], local, atol=1e-5)
+    assert torch.allclose(terms["hkd"], hkd, atol=1e-5)
+    assert torch.allclose(terms["loss"], w["ce"] * local + w["hkd"] * hkd + w["rkd"] * terms["rkd"], atol=1e-5)
+    assert any(p is m.projection.weight for p in m.trainable_parameters())
