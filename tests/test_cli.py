@@ -5,7 +5,7 @@ from conftest import FAST, read_results
 
 
 def test_default_run_writes_results_and_checkpoints(cli, tmp_path):
-    proc = cli(*FAST, run_dir=tmp_path)
+    proc = cli(*FAST, "inversion.per_layer.layer_steps=5", "inversion.per_layer.full_steps=10", run_dir=tmp_path)
     res = read_results(tmp_path)
     matrix = res["accuracy_matrix"]
     assert [len(r) for r in matrix] == [1, 2, 3, 4, 5]
@@ -13,7 +13,7 @@ def test_default_run_writes_results_and_checkpoints(cli, tmp_path):
                 "old_class_accuracy", "new_class_accuracy", "task_aware_accuracy", "class_order", "seed",
                 "config"):
         assert key in res, key
-    assert res["status"] == "completed" and res["config"]["scenario"]["n_tasks"] == 5
+    assert res["status"] == "completed" and res["config"]["scenario"]["n_tasks"] == 5 and res["method"] == "pmi"
     assert sorted(res["class_order"]) == list(range(10))
     assert res["final_accuracy"] == sum(matrix[-1]) / 5
     assert all((tmp_path / "checkpoints" / f"task_{t}.ckpt").exists() for t in range(5))

@@ -139,11 +139,17 @@ def test_generator_engine_trains_and_keeps_its_generator():
     assert x.shape == (5, 1, 8, 8) and torch.equal(y, teacher(x).argmax(1))
 
 
-def test_per_layer_engine_reduces_each_blocks_reconstruction_error():
-    teacher = tiny_teacher()
+@pytest.mark.parametrize("seed", [0, 1])
+def test_per_layer_engine_reduces_each_blocks_reconstruction_error(trained_teacher, seed):
+    from cl_inversion.data import digits
+
+    teacher = trained_teacher
+    torch.manual_seed(seed)
     engine = PerLayerInversion(layer_steps=40, full_steps=20, batch_size=32, progress=False)
     engine.setup((1, 8, 8), PIXEL_RANGE)
-    real = [(torch.randn(32, 1, 8, 8), torch.tensor([0, 1, 2, 3] * 8))]
+    bundle = digits()
+    keep = (bundle.train.targets < 4).nonzero().flatten()[:128].tolist()
+    real = [(torch.stack([bundle.train[i][0] for i in keep]), bundle.train.targets[keep])]
     engine.observe(teacher, real, None, None)
     images, labels = engine.synthesize(teacher, [0, 1, 2, 3], 32)
     assert len(engine.block_losses) == 3

@@ -56,7 +56,7 @@ def test_report_on_sweep_prints_two_rows_and_writes_plots(method_sweep, tmp_path
 def test_failed_job_leaves_the_other_intact_and_is_reported(tmp_path):
     sweep = tmp_path / "sweep"
     # n_tasks=3 does not divide the 10 digit classes: that job fails while building the scenario.
-    proc = run_cli("-m", "hydra/launcher=local", "scenario.n_tasks=2,3", "trainer.max_epochs=1",
+    proc = run_cli("-m", "hydra/launcher=local", "method=finetune", "scenario.n_tasks=2,3", "trainer.max_epochs=1",
                    "trainer.enable_progress_bar=false", f"hydra.sweep.dir={sweep}", check=False)
     assert proc.returncode != 0  # the sweep reports the failure...
     results = {read_results(d)["n_tasks"]: read_results(d) for d in job_dirs(sweep)}

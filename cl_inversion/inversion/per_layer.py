@@ -71,13 +71,14 @@ class PerLayerInversion:
 
     def __init__(self, layer_steps: int = 50, full_steps: int = 160, batch_size: int = 256, layer_lr: float = 0.1,
                  lr: float = 0.05, feature_weight: float = 1.0, ce_weight: float = 1.0, bn_weight: float = 10.0,
-                 prior_weight: float = 1.0, tv_weight: float = 2.5e-5, jitter: int = 2, flip: bool = True,
+                 layer_bn_weight: float = 1.0, prior_weight: float = 1.0, tv_weight: float = 2.5e-5, jitter: int = 2, flip: bool = True,
                  covariance: str = "diagonal", oversample: int = 2, progress: bool = True,
                  log_every: int = 10) -> None:
         self.layer_steps, self.full_steps, self.batch_size = layer_steps, full_steps, batch_size
         self.layer_lr, self.lr = layer_lr, lr
         self.feature_weight, self.ce_weight, self.bn_weight = feature_weight, ce_weight, bn_weight
         self.prior_weight, self.tv_weight, self.jitter, self.flip = prior_weight, tv_weight, jitter, flip
+        self.layer_bn_weight = layer_bn_weight
         self.oversample, self.progress, self.log_every = oversample, progress, log_every
         self.gaussians = ClassGaussians(covariance)
         self.image_shape: tuple[int, ...] = ()
@@ -154,7 +155,7 @@ class PerLayerInversion:
                         x = u if is_image or not relu_inputs else F.relu(u)
                         out = block(x)
                         rec = relative_mse(pooled(out) if k == len(blocks) - 1 else out, target)
-                        loss = rec + (self.bn_weight * bn.kl() if len(bn) else 0.0)
+                        loss = rec + (self.layer_bn_weight * bn.kl() if len(bn) else 0.0)
                         if prior is not None and not is_image:
                             dims = [0] + list(range(2, u.dim()))
                             loss = loss + self.prior_weight * gaussian_kl(
