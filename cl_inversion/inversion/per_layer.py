@@ -71,7 +71,8 @@ class PerLayerInversion:
 
     def __init__(self, layer_steps: int = 50, full_steps: int = 160, batch_size: int = 256, layer_lr: float = 0.1,
                  lr: float = 0.05, feature_weight: float = 1.0, ce_weight: float = 1.0, bn_weight: float = 10.0,
-                 layer_bn_weight: float = 1.0, prior_weight: float = 1.0, tv_weight: float = 2.5e-5, jitter: int = 2, flip: bool = True,
+                 layer_bn_weight: float = 1.0, prior_weight: float = 1.0, tv_weight: float = 2.5e-5, jitter: int = 2,
+                 flip: bool = True,
                  covariance: str = "diagonal", oversample: int = 2, progress: bool = True,
                  log_every: int = 10) -> None:
         self.layer_steps, self.full_steps, self.batch_size = layer_steps, full_steps, batch_size
