@@ -122,6 +122,21 @@ def clamp_to(x: Tensor, low: Tensor, high: Tensor) -> Tensor:
     return torch.max(torch.min(x, high), low)
 
 
+def cosine_lr(optimizer: torch.optim.Optimizer, base_lr: float, step: int, total: int) -> None:
+    """Set a cosine-annealed learning rate (DeepInversion's schedule) for this step."""
+    for group in optimizer.param_groups:
+        group["lr"] = 0.5 * base_lr * (1 + math.cos(math.pi * step / total))
+
+
+def pixel_step(optimizer: torch.optim.Optimizer, loss: Tensor, x: Tensor, low: Tensor, high: Tensor) -> None:
+    """One optimisation step on images, then clamp them back into the data's pixel range."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        x.copy_(clamp_to(x, low, high))
+
+
 def check_finite(loss: Tensor, engine: str, step: int) -> None:
     if not torch.isfinite(loss):
         raise SynthesisError(f"{engine} synthesis: loss is {loss.item()} at step {step}; lower "

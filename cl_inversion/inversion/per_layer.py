@@ -13,7 +13,6 @@ counting its share of the network's FLOPs.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -28,9 +27,11 @@ from cl_inversion.inversion.common import (
     balanced_labels,
     check_finite,
     clamp_to,
+    cosine_lr,
     frozen_eval,
     gaussian_kl,
     jitter_flip,
+    pixel_step,
     total_variation_l2,
 )
 from cl_inversion.inversion.features import ClassGaussians, extract_features, sample_aligned_features
@@ -188,8 +189,7 @@ class PerLayerInversion:
         try:
             with BNStatistics(teacher) as bn:
                 for step in range(self.full_steps):
-                    for group in optimizer.param_groups:  # cosine schedule, as DeepInversion's
-                        group["lr"] = 0.5 * self.lr * (1 + math.cos(math.pi * step / self.full_steps))
+                    cosine_lr(optimizer, self.lr, step, self.full_steps)
                     view = jitter_flip(x, self.jitter, self.flip)
                     features = teacher.features(view)
                     logits = teacher.head(features)
@@ -199,11 +199,7 @@ class PerLayerInversion:
                     loss = (self.feature_weight * feat + self.ce_weight * ce + self.bn_weight * bn_term
                             + self.tv_weight * total_variation_l2(view))
                     check_finite(loss, self.name, step)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    with torch.no_grad():
-                        x.copy_(clamp_to(x, low, high))
+                    pixel_step(optimizer, loss, x, low, high)
                     self.stats.full_model_passes += 1
                     progress.update({"feature": feat, "ce": ce, "bn": bn_term})
                     if self.step_hook is not None:

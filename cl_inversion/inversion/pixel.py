@@ -9,7 +9,6 @@ batch 256, lr 0.05, BN weight 10, TV 2.5e-5).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -23,9 +22,10 @@ from cl_inversion.inversion.common import (
     SynthesisStats,
     balanced_labels,
     check_finite,
-    clamp_to,
+    cosine_lr,
     frozen_eval,
     jitter_flip,
+    pixel_step,
     total_variation_l2,
 )
 from cl_inversion.inversion.replay import BufferReplay
@@ -88,8 +88,7 @@ class PixelInversion:
                                      self.progress)
         try:
             for step in range(self.steps):
-                for group in optimizer.param_groups:
-                    group["lr"] = 0.5 * lr * (1 + math.cos(math.pi * step / self.steps))
+                cosine_lr(optimizer, lr, step, self.steps)
                 view = jitter_flip(x, self.jitter, self.flip)
                 ce = F.cross_entropy(teacher(view), targets)
                 bn_term = bn.norm_distance(self.first_bn_multiplier) if len(bn) else torch.zeros((), device=device)
@@ -97,11 +96,7 @@ class PixelInversion:
                 l2 = view.pow(2).mean()
                 loss = self.ce_weight * ce + self.bn_weight * bn_term + self.tv_weight * tv + self.l2_weight * l2
                 check_finite(loss, self.name, step)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                with torch.no_grad():
-                    x.copy_(clamp_to(x, low, high))
+                pixel_step(optimizer, loss, x, low, high)
                 self.stats.full_model_passes += 1
                 progress.update({"loss": loss, "ce": ce, "bn": bn_term, "tv": tv})
                 if self.step_hook is not None:
