@@ -301,7 +301,7 @@ def restore(method: ContinualModule, state: dict[str, Any], callbacks: list[Any]
     method.task_sizes = list(state["task_sizes"])
     method.task = state["task"]
     method.net.load_state_dict(state["net"])
-    method.load_extra_state(state["method"])
+    method.restore_state(state["method"])
     load_callback_states(callbacks or [], state.get("callbacks", {}), source)
     for cb in callbacks or []:
         if isinstance(cb, ContinualCallback):

@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from cl_inversion.errors import ConfigError
+from cl_inversion.io import save_checkpoint
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -179,15 +180,6 @@ def _decode_folder(folder: Path, class_names: list[str], image_size: int | None)
     return torch.stack(images).permute(0, 3, 1, 2).contiguous(), torch.tensor(targets)
 
 
-def _atomic_torch_save(obj: object, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def imagefolder(
     root: str,
     image_size: int | None = None,
@@ -219,7 +211,7 @@ def imagefolder(
         }
         if cache:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_torch_save(blob, cache_file)
+            save_checkpoint(cache_file, blob)  # atomic: temp file + fsync + rename
     (xtr, ytr), (xte, yte) = blob["train"], blob["test"]
     if mean is None or std is None:
         sample = xtr[:: max(1, len(xtr) // 5000)].float().div(255)

@@ -4,7 +4,6 @@ class-balanced targets, the synthesis progress bar and the NaN guard."""
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -162,7 +161,6 @@ class SynthesisProgress:
         self.stats = stats
         self.log_every = log_every
         self.step = 0
-        self.started = time.perf_counter()
 
     def update(self, terms: dict[str, Tensor | float]) -> None:
         self.step += 1

@@ -152,15 +152,12 @@ class GeneratorInversion:
             chosen.append(idx)
             intended += [c] * k
         spare = (~used).nonzero().flatten()
-        filled = torch.cat(chosen)
-        index = []
-        offset = 0
+        index, offset = [], 0
         for c_idx, k in zip(chosen, per_class):
-            index.append(c_idx)
             missing = k - len(c_idx)
-            index.append(spare[offset : offset + missing])
+            index += [c_idx, spare[offset : offset + missing]]
             offset += missing
-        index = torch.cat(index) if index else filled
+        index = torch.cat(index)
         return candidates[index], torch.tensor(intended, dtype=torch.long)
 
     def replay(self, teacher: nn.Module, images: Tensor, labels: Tensor) -> GeneratorReplay:

@@ -7,7 +7,6 @@ Each step: 128 real new-task images + 128 synthetic images from the generator (l
   kd     — importance-weighted feature distillation: ‖W_old·f_cur − W_old·f_prev‖² over old classes, ×0.1.
 """
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -16,6 +15,8 @@ from cl_inversion.methods.base import ContinualModule
 
 
 class ABD(ContinualModule):
+    keeps_previous_model = True
+
     def __init__(self, *args, inversion: str = "generator", kd_weight: float = 0.1, **kwargs) -> None:
         super().__init__(*args, inversion=inversion, **kwargs)
         self.kd_weight = kd_weight
@@ -39,9 +40,3 @@ class ABD(ContinualModule):
         kd = (old_head(features) - old_head(previous_features)).pow(2).sum(1).mean() / self.n_old
         loss = local + head + self.kd_weight * kd
         return {"loss": loss, "local_ce": local, "head_ce": head, "feature_kd": kd}
-
-    def on_task_end(self, datamodule: L.LightningDataModule) -> None:
-        self.previous = self.frozen_copy()
-
-    def load_extra_state(self, state: dict) -> None:
-        self.previous = self.frozen_copy()

@@ -27,6 +27,8 @@ class ContinualModule(L.LightningModule):
 
     #: train on the union of all tasks seen so far (the joint upper bound) instead of the current task
     uses_all_data: bool = False
+    #: keep a frozen copy of the network after each task as `self.previous` (distillation, inversion teacher)
+    keeps_previous_model: bool = False
 
     def __init__(self, net: IncrementalClassifier, optimizer: OptimizerFactory,
                  scheduler: Callable[[torch.optim.Optimizer], Any] | None = None, inversion: str | None = None) -> None:
@@ -61,7 +63,16 @@ class ContinualModule(L.LightningModule):
         self.on_task_start(datamodule)
 
     def end_task(self, datamodule: L.LightningDataModule) -> None:
+        if self.keeps_previous_model:
+            self.previous = self.frozen_copy()
         self.on_task_end(datamodule)
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """On resume, once `net` has its weights back: method state, and the previous model (which is the
+        network as checkpointed after the task)."""
+        self.load_extra_state(state)
+        if self.keeps_previous_model:
+            self.previous = self.frozen_copy()
 
     def on_task_start(self, datamodule: L.LightningDataModule) -> None:
         """Hook before training a task (the head already has the new outputs)."""

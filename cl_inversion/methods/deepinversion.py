@@ -6,7 +6,6 @@ data + distillation on synthetic data towards the previous model's soft targets,
 new classes, over all seen classes — which keeps replayed images out of the new classes).
 """
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -15,6 +14,8 @@ from cl_inversion.methods.base import ContinualModule, distillation
 
 
 class DeepInversion(ContinualModule):
+    keeps_previous_model = True
+
     def __init__(self, *args, inversion: str = "pixel", temperature: float = 2.0, kd_weight: float = 1.0,
                  **kwargs) -> None:
         super().__init__(*args, inversion=inversion, **kwargs)
@@ -37,9 +38,3 @@ class DeepInversion(ContinualModule):
         kd_synthetic = -(soft * F.log_softmax(synthetic[:, : self.n_seen] / t, dim=1)).sum(1).mean() * t**2
         loss = ce + self.kd_weight * (kd_real + kd_synthetic)
         return {"loss": loss, "ce": ce, "kd_real": kd_real, "kd_synthetic": kd_synthetic}
-
-    def on_task_end(self, datamodule: L.LightningDataModule) -> None:
-        self.previous = self.frozen_copy()
-
-    def load_extra_state(self, state: dict) -> None:
-        self.previous = self.frozen_copy()

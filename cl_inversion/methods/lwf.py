@@ -1,13 +1,14 @@
 """Learning without Forgetting (Li & Hoiem 2016), class-incremental form as in ABD's baseline:
 cross-entropy over seen classes + distillation of the previous model's old-class logits (T=2, ×1)."""
 
-import lightning as L
 from torch import Tensor
 
 from cl_inversion.methods.base import ContinualModule, distillation
 
 
 class LwF(ContinualModule):
+    keeps_previous_model = True
+
     def __init__(self, *args, temperature: float = 2.0, weight: float = 1.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.temperature = temperature
@@ -20,9 +21,3 @@ class LwF(ContinualModule):
             return {"loss": ce, "ce": ce}
         kd = distillation(logits[:, : self.n_old], self.previous(x), self.temperature)
         return {"loss": ce + self.weight * kd, "ce": ce, "kd": kd}
-
-    def on_task_end(self, datamodule: L.LightningDataModule) -> None:
-        self.previous = self.frozen_copy()
-
-    def load_extra_state(self, state: dict) -> None:
-        self.previous = self.frozen_copy()

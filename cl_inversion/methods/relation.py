@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -35,6 +34,8 @@ def rkd_angle(student: Tensor, teacher: Tensor) -> Tensor:
 
 
 class RelationGuided(ContinualModule):
+    keeps_previous_model = True
+
     def __init__(self, *args, inversion: str = "generator", ce_scale: float = 0.5, hkd_scale: float = 0.15,
                  rkd_scale: float = 0.5, projection_dim: int = 128, finetune_fraction: float = 0.2,
                  **kwargs) -> None:
@@ -88,12 +89,8 @@ class RelationGuided(ContinualModule):
     def trainable_parameters(self):
         return [*super().trainable_parameters(), *self.projection.parameters()]
 
-    def on_task_end(self, datamodule: L.LightningDataModule) -> None:
-        self.previous = self.frozen_copy()
-
     def extra_state(self) -> dict:
         return {"projection": self.projection.state_dict()}
 
     def load_extra_state(self, state: dict) -> None:
         self.projection.load_state_dict(state["projection"])
-        self.previous = self.frozen_copy()
