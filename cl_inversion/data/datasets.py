@@ -180,6 +180,13 @@ def _decode_folder(folder: Path, class_names: list[str], image_size: int | None)
     return torch.stack(images).permute(0, 3, 1, 2).contiguous(), torch.tensor(targets)
 
 
+def per_class_subset(targets: Tensor, per_class: int, seed: int) -> Tensor:
+    """Sorted indices of a seeded random choice of up to `per_class` samples of every class."""
+    order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(seed))
+    chosen = [order[targets[order] == c][:per_class] for c in targets.unique().tolist()]
+    return torch.cat(chosen).sort().values
+
+
 def imagefolder(
     root: str,
     image_size: int | None = None,
@@ -187,11 +194,15 @@ def imagefolder(
     std: Sequence[float] | None = None,
     augment: bool = True,
     cache: bool = True,
+    train_per_class: int | None = None,
+    subset_seed: int = 0,
 ) -> DatasetBundle:
     """Any `root/train/<class>/*` + `root/test/<class>/*` tree (CIFAR-10 JPEG copy, Tiny-ImageNet...).
 
     Images are decoded once; with `cache=true` the decoded uint8 tensors are kept in
     `~/.cache/cl_inversion` keyed by the folder's path and size, so later runs start in a second.
+    `train_per_class` keeps a seeded random subset of that many training images per class (CPU budgets);
+    the test split is always whole.
     """
     base = _check_root(root, "dataset.root", "point it at a folder holding train/<class>/*.jpg and test/<class>/*.jpg "
                        "(e.g. Tiny-ImageNet with val/ sorted into test/<class>/, or the CIFAR-10 JPEG copy "
@@ -213,6 +224,11 @@ def imagefolder(
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             save_checkpoint(cache_file, blob)  # atomic: temp file + fsync + rename
     (xtr, ytr), (xte, yte) = blob["train"], blob["test"]
+    if train_per_class is not None:
+        if train_per_class < 1:
+            raise ConfigError(f"dataset.train_per_class={train_per_class}: must be a positive count or null")
+        keep = per_class_subset(ytr, train_per_class, subset_seed)
+        xtr, ytr = xtr[keep], ytr[keep]
     if mean is None or std is None:
         sample = xtr[:: max(1, len(xtr) // 5000)].float().div(255)
         mean = tuple(sample.mean(dim=(0, 2, 3)).tolist())

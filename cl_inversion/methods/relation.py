@@ -9,7 +9,9 @@ While training task t (real new-task data + synthetic replay of old classes), wi
                current features and previous features of real data,               × 0.5·α·β
 The terms are added (PMI's public code multiplies two of them; that is a bug). The last
 `finetune_fraction` of the epochs trains only the head: class-balanced CE over the seen classes on
-real + synthetic data with frozen (eval-mode, detached) features.
+real + synthetic data with frozen (eval-mode, detached) features, at a constant `finetune_lr` (0.005 as
+in R-DFCIL's code, whatever the main schedule). Real and synthetic batches take separate forward passes,
+as in the reference code, so BatchNorm never normalises real images with synthetic-batch statistics.
 """
 
 from __future__ import annotations
@@ -38,10 +40,11 @@ class RelationGuided(ContinualModule):
 
     def __init__(self, *args, inversion: str = "generator", ce_scale: float = 0.5, hkd_scale: float = 0.15,
                  rkd_scale: float = 0.5, projection_dim: int = 128, finetune_fraction: float = 0.2,
-                 **kwargs) -> None:
+                 finetune_lr: float = 0.005, **kwargs) -> None:
         super().__init__(*args, inversion=inversion, **kwargs)
         self.ce_scale, self.hkd_scale, self.rkd_scale = ce_scale, hkd_scale, rkd_scale
         self.finetune_fraction = finetune_fraction
+        self.finetune_lr = finetune_lr
         self.projection = nn.Linear(self.net.backbone.feature_dim, projection_dim)
 
     def term_weights(self) -> dict[str, float]:
@@ -64,19 +67,21 @@ class RelationGuided(ContinualModule):
         replay_x, replay_y = self.replay.sample(len(x))
         if self.in_head_finetuning():
             return self.head_finetuning(torch.cat([x, replay_x]), torch.cat([y, replay_y]))
-        logits, features = self.net.forward_with_features(torch.cat([x, replay_x]))
-        real_logits, synthetic_logits = logits[: len(x)], logits[len(x) :]
+        real_logits, features = self.net.forward_with_features(x)
+        synthetic_logits = self.net(replay_x)  # separate pass: BN batch statistics never mix real and synthetic
         with torch.no_grad():
             previous_synthetic = self.previous(replay_x)
             previous_features = self.previous.features(x)
         w = self.term_weights()
         local = self.local_cross_entropy(real_logits, y)
         hkd = (synthetic_logits[:, : self.n_old] - previous_synthetic).abs().mean()
-        rkd = rkd_angle(self.projection(features[: len(x)]), previous_features)
+        rkd = rkd_angle(self.projection(features), previous_features)
         loss = w["ce"] * local + w["hkd"] * hkd + w["rkd"] * rkd
         return {"loss": loss, "local_ce": local, "hkd": hkd, "rkd": rkd}
 
     def head_finetuning(self, inputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        for group in self.optimizers().optimizer.param_groups:  # constant lr, whatever the main schedule does
+            group["lr"] = self.finetune_lr
         was_training = self.net.backbone.training
         self.net.backbone.eval()
         with torch.no_grad():
