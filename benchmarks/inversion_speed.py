@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from cl_inversion.inversion import BNStatistics, PerLayerInversion, PixelInversion
+from cl_inversion.inversion import BNStatistics
 from cl_inversion.inversion.common import balanced_labels, frozen_eval
 from cl_inversion.models import IncrementalClassifier
 from cl_inversion.run import build_dataset, compose
@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--backbone", default=None, help="override the backbone config (e.g. clip_tiny)")
     parser.add_argument("--images", type=int, default=None)
     parser.add_argument("--verbose", action="store_true", help="print the quality curves")
-    parser.add_argument("--pmi-full-steps", type=int, default=160, help="PMI's full-model budget (paper: ~160)")
+    parser.add_argument("--pmi-full-steps", type=int, default=None,
+                        help="PMI's full-model budget (default: the dataset's inversion.per_layer.full_steps)")
     parser.add_argument("--pmi-bn-weight", type=float, default=None, help="override per_layer bn_weight")
     args = parser.parse_args(argv)
 
@@ -118,11 +119,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     labels = balanced_labels(classes, n)
     pixel_range = bundle.pixel_range()
     di_steps = 400 if args.quick else 2000
-    small = args.dataset == "digits"
     every = 5
 
     torch.manual_seed(1)
-    di = PixelInversion(steps=di_steps, batch_size=n, lr=0.25 if small else 0.05, progress=False)
+    # both engines as the framework builds them for this dataset (conf/inversion + conf/budget), same batch
+    di = instantiate(cfg.inversion.pixel, steps=di_steps, batch_size=n, progress=False)
     di.setup(bundle.image_shape, pixel_range)
     watch_di = Watch(teacher, labels, di, every)
     di.step_hook = watch_di
@@ -134,8 +135,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     torch.manual_seed(1)
     pmi_args = {} if args.pmi_bn_weight is None else {"bn_weight": args.pmi_bn_weight}
-    pmi = PerLayerInversion(layer_steps=50, full_steps=args.pmi_full_steps, batch_size=n, lr=0.25 if small else 0.05,
-                            progress=False, **pmi_args)
+    if args.pmi_full_steps is not None:
+        pmi_args["full_steps"] = args.pmi_full_steps
+    pmi = instantiate(cfg.inversion.per_layer, batch_size=n, progress=False, **pmi_args)
     pmi.setup(bundle.image_shape, pixel_range)
     real = [(bundle.train[i][0][None], bundle.train.targets[i : i + 1]) for i in range(0, len(bundle.train), 7)]
     pmi.observe(teacher, [(torch.cat([x for x, _ in real]), torch.cat([y for _, y in real]))], None, None)

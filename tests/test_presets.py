@@ -8,10 +8,15 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO, run_cli
 
+from cl_inversion.data.datasets import imagefolder
+from cl_inversion.errors import ConfigError
+
 EXPERIMENTS = REPO / "conf" / "experiment"
-PRESETS = sorted(p.stem for p in EXPERIMENTS.glob("*.yaml"))
+# presets that reproduce a published row (they pick a method); cifar10_cpu is a CPU budget, tested below
+PRESETS = sorted(p.stem for p in EXPERIMENTS.glob("*.yaml") if "override /method:" in p.read_text())
 
 
 def preset_method(name: str) -> str:
@@ -87,3 +92,48 @@ def test_every_preset_smoke_runs(tmp_path):
         done[res["config"]["experiment_name"]] = res["method"]
     assert sorted(done) == RUNNABLE
     assert all(done[name] == preset_method(name) for name in RUNNABLE)
+
+
+def tiny_imagefolder(root: Path, classes: int = 4, train: int = 6, test: int = 3) -> Path:
+    """A real ImageFolder tree of small random JPEGs."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for split, count in (("train", train), ("test", test)):
+        for c in range(classes):
+            folder = root / split / f"class_{c}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = (torch.rand(12, 12, 3, generator=gen) * 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(folder / f"{i}.jpg")
+    return root
+
+
+def test_imagefolder_train_per_class_is_a_seeded_balanced_subset(tmp_path):
+    root = tiny_imagefolder(tmp_path / "data")
+    full = imagefolder(str(root), cache=False)
+    a = imagefolder(str(root), cache=False, train_per_class=4, subset_seed=0)
+    b = imagefolder(str(root), cache=False, train_per_class=4, subset_seed=0)
+    c = imagefolder(str(root), cache=False, train_per_class=4, subset_seed=1)
+    assert len(full.train) == 24 and len(a.train) == 16 and len(a.test) == 12  # the test split stays whole
+    assert a.train.targets.bincount().tolist() == [4, 4, 4, 4]
+    assert torch.equal(a.train.images, b.train.images)
+    assert not torch.equal(a.train.images, c.train.images)
+    with pytest.raises(ConfigError, match="dataset.train_per_class"):
+        imagefolder(str(root), cache=False, train_per_class=0)
+
+
+def test_cifar10_cpu_preset_composes_and_runs_on_an_imagefolder(compose, tmp_path):
+    cfg = compose(["experiment=cifar10_cpu"])
+    assert cfg.dataset._target_ == "cl_inversion.data.imagefolder" and cfg.backbone.depth == 32
+    assert (cfg.dataset.image_size, cfg.dataset.train_per_class, cfg.trainer.max_epochs) == (16, 1000, 15)
+    assert cfg.scenario.n_tasks == 5 and cfg.inversion.n_images == 512
+    root = tiny_imagefolder(tmp_path / "data")
+    run_dir = tmp_path / "run"
+    run_cli("experiment=cifar10_cpu", "method=abd", f"dataset.root={root}", "dataset.cache=false",
+            "dataset.train_per_class=4", "dataset.batch_size=8", "scenario.n_tasks=2", "trainer.max_epochs=1",
+            "trainer.enable_progress_bar=false", "logger=none", "inversion.n_images=16", "inversion.generator.steps=2",
+            "inversion.generator.batch_size=8", run_dir=run_dir)
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["status"] == "completed" and res["config"]["experiment_name"] == "cifar10_cpu"
+    assert res["config"]["dataset"]["image_size"] == 16 and len(res["inversion"]) == 1
