@@ -165,7 +165,7 @@ class SynthesisProgress:
     def update(self, terms: dict[str, Tensor | float]) -> None:
         self.step += 1
         if self.step % self.log_every == 0 or self.step == self.bar.total:
-            values = {k: float(v) for k, v in terms.items()}
+            values = {k: float(v.detach()) if isinstance(v, Tensor) else float(v) for k, v in terms.items()}
             self.stats.curve.append({"step": self.step, **values})
             self.bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()}, refresh=False)
         self.bar.update(1)
