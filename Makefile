@@ -28,4 +28,4 @@ lint: install
 	$(PY) -m ruff check cl_inversion tests benchmarks
 
 clean:
-	rm -rf outputs/*/ multirun/ lightning_logs/ wandb/
+	rm -rf outputs/ multirun/ lightning_logs/ wandb/

@@ -17,6 +17,7 @@ as in the reference code, so BatchNorm never normalises real images with synthet
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -79,9 +80,12 @@ class RelationGuided(ContinualModule):
         loss = w["ce"] * local + w["hkd"] * hkd + w["rkd"] * rkd
         return {"loss": loss, "local_ce": local, "hkd": hkd, "rkd": rkd}
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.in_head_finetuning():  # constant lr, whatever the main schedule does
+            for group in self.optimizers().optimizer.param_groups:
+                group["lr"] = self.finetune_lr
+
     def head_finetuning(self, inputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
-        for group in self.optimizers().optimizer.param_groups:  # constant lr, whatever the main schedule does
-            group["lr"] = self.finetune_lr
         was_training = self.net.backbone.training
         self.net.backbone.eval()
         with torch.no_grad():
