@@ -12,7 +12,7 @@ from torch import nn
 from cl_inversion.inversion import BNStatistics, GeneratorInversion, PerLayerInversion, PixelInversion, SynthesisError
 from cl_inversion.inversion.callback import frechet_distance
 from cl_inversion.inversion.common import balanced_labels, gaussian_blur, gaussian_kl, total_variation_l2
-from cl_inversion.inversion.features import ClassGaussians, sample_aligned_features
+from cl_inversion.inversion.features import ClassGaussians, fit_selector, sample_aligned_features
 from cl_inversion.models import IncrementalClassifier, SmallCNN
 
 PIXEL_RANGE = (torch.full((1, 1, 1), -1.0), torch.full((1, 1, 1), 2.0))
@@ -184,6 +184,24 @@ def test_contrastive_selection_returns_requested_count_restandardised():
     assert targets.shape == (50, 4)
     assert torch.allclose(targets[:30].mean(0), gaussians.mean[0], atol=1e-4)
     assert torch.allclose(targets[30:].std(0), gaussians.std(1), atol=1e-3)
+
+
+def test_selector_fitted_once_serves_any_subset_of_its_classes():
+    torch.manual_seed(0)
+    gaussians = ClassGaussians()
+    gaussians.fit(torch.randn(300, 4) + torch.arange(3).repeat_interleave(100)[:, None] * 2.0,
+                  torch.arange(3).repeat_interleave(100))
+    selector = fit_selector(gaussians, steps=100)
+    assert selector.classes == [0, 1, 2]
+    # the selector tells the classes apart on fresh samples
+    fresh = torch.cat([gaussians.sample(c, 50) for c in range(3)])
+    own = torch.arange(3).repeat_interleave(50)
+    assert float(selector.score(fresh, own).mean()) > 0.8
+    # a subset of its classes (old classes only) uses it as is: prototype index looked up by class id
+    labels = torch.tensor([2] * 10 + [1] * 6)
+    targets = sample_aligned_features(gaussians, labels, oversample=3, selector=selector)
+    assert targets.shape == (16, 4)
+    assert torch.allclose(targets[:10].mean(0), gaussians.mean[2], atol=1e-4)
 
 
 def test_frechet_distance_zero_for_same_set_positive_for_shift():

@@ -63,3 +63,54 @@ def test_loss_adds_local_ce_hkd_and_rkd_and_projection_is_trained():
     assert torch.allclose(terms["hkd"], hkd, atol=1e-5)
     assert torch.allclose(terms["loss"], w["ce"] * local + w["hkd"] * hkd + w["rkd"] * terms["rkd"], atol=1e-5)
     assert any(p is m.projection.weight for p in m.trainable_parameters())
+
+
+def boundary_ready(cls, **kwargs):
+    """A method after task 0 of digits (4 classes), training task 1 (2 new classes)."""
+    sc = ClassIncrementalScenario(digits(), n_tasks=4, first_task_classes=4)
+    torch.manual_seed(0)
+    m = cls(IncrementalClassifier(SmallCNN(1, width=8)), optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+            **kwargs)
+    m.begin_task(0, 4, sc.datamodule(0, 8))
+    m.end_task(sc.datamodule(0, 8))
+    m.begin_task(1, 2, sc.datamodule(1, 8))
+    with torch.no_grad():
+        m.net.backbone.stem[0].weight.add_(0.05)
+    return m
+
+
+@pytest.mark.parametrize("scope", ["head", "all"])
+def test_balancing_phase_is_balanced_softmax_plus_hkd_and_scope_decides_what_learns(scope):
+    m = boundary_ready(PMI, finetune_loss="balanced_softmax", finetune_scope=scope)
+    assert (m.n_old, m.n_seen) == (4, 6)  # the prior tilts old logits by -log 4, new ones by -log 2
+    x, y = torch.randn(6, 1, 8, 8), torch.tensor([4, 5] * 3)
+    replay_x, replay_y = torch.randn(6, 1, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1])
+    m.net.eval()  # BN statistics fixed so that the check below sees the same logits
+    terms = m.balancing_loss(x, y, replay_x, replay_y)
+    logits = m.net(torch.cat([x, replay_x]))[:, :6]
+    prior = torch.tensor([-math.log(4)] * 4 + [-math.log(2)] * 2)
+    expected_ce = F.cross_entropy(logits + prior, torch.cat([y, replay_y]))
+    expected_hkd = (logits[6:, :4] - m.previous(replay_x)).abs().mean()
+    assert torch.allclose(terms["balanced_ce"], expected_ce, atol=1e-5)
+    assert torch.allclose(terms["hkd"], expected_hkd, atol=1e-5)
+    assert torch.allclose(terms["loss"], expected_ce + m.term_weights()["hkd"] * expected_hkd, atol=1e-5)
+    m.net.zero_grad()
+    terms["loss"].backward()
+    backbone_grad = m.net.backbone.stem[0].weight.grad
+    assert all(s.weight.grad.abs().sum() > 0 for s in m.net.head.slices)
+    if scope == "head":  # R-DFCIL: frozen features
+        assert backbone_grad is None or backbone_grad.abs().sum() == 0
+    else:
+        assert backbone_grad.abs().sum() > 0
+
+
+def test_unknown_balancing_settings_are_rejected_with_the_field_name():
+    with pytest.raises(ValueError, match="method.finetune_loss='focal'.*weighted, balanced_softmax"):
+        make_with(finetune_loss="focal")
+    with pytest.raises(ValueError, match="method.finetune_scope='neck'.*head, all"):
+        make_with(finetune_scope="neck")
+
+
+def make_with(**kwargs):
+    return PMI(IncrementalClassifier(SmallCNN(1, width=8)), optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+               **kwargs)

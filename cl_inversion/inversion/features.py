@@ -77,6 +77,7 @@ class ContrastiveSelector(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(feature_dim, hidden), nn.ReLU(), nn.Linear(hidden, out))
         self.prototypes = nn.Parameter(torch.randn(n_classes, out))
         self.temperature = temperature
+        self.classes: list[int] = list(range(n_classes))  # class id of each prototype
 
     def logits(self, features: Tensor) -> Tensor:
         z = F.normalize(self.mlp(features), dim=1)
@@ -99,23 +100,36 @@ class ContrastiveSelector(nn.Module):
         return probs.gather(1, labels[:, None]).squeeze(1)
 
 
-def sample_aligned_features(gaussians: ClassGaussians, labels: Tensor, oversample: int = 2,
-                            selector_steps: int = 200) -> Tensor:
-    """Target features for `labels`: `oversample`× candidates per class from its Gaussian, the most
-    distinctive kept by a contrastive selector, then re-standardised to the class mean and std."""
-    classes = labels.unique().tolist()
-    fit_x = torch.cat([gaussians.sample(c, 64) for c in classes])
-    fit_y = torch.cat([torch.full((64,), i) for i in range(len(classes))])
+def fit_selector(gaussians: ClassGaussians, classes: list[int] | None = None, samples_per_class: int = 64,
+                 steps: int = 200) -> ContrastiveSelector:
+    """Train the contrastive model on Gaussian samples of `classes` (default: every modelled class).
+    Done once per task boundary (PMI's class-wise feature modelling), not once per synthesised batch."""
+    classes = sorted(gaussians.mean) if classes is None else list(classes)
+    fit_x = torch.cat([gaussians.sample(c, samples_per_class) for c in classes])
+    fit_y = torch.arange(len(classes)).repeat_interleave(samples_per_class)
     selector = ContrastiveSelector(fit_x.shape[1], len(classes))
+    selector.classes = classes
     with torch.enable_grad():
-        selector.fit(fit_x, fit_y, steps=selector_steps)
-    targets = torch.empty(len(labels), fit_x.shape[1])
-    for i, c in enumerate(classes):
+        selector.fit(fit_x, fit_y, steps=steps)
+    return selector
+
+
+def sample_aligned_features(gaussians: ClassGaussians, labels: Tensor, oversample: int = 2,
+                            selector: ContrastiveSelector | None = None, selector_steps: int = 200) -> Tensor:
+    """Target features for `labels`: `oversample`× candidates per class from its Gaussian, the most
+    distinctive kept by the contrastive selector (fitted here if none is given, or if it lacks a class),
+    then re-standardised to the class mean and std."""
+    classes = labels.unique().tolist()
+    if selector is None or not set(classes) <= set(selector.classes):
+        selector = fit_selector(gaussians, classes, steps=selector_steps)
+    dim = len(gaussians.mean[classes[0]])
+    targets = torch.empty(len(labels), dim)
+    for c in classes:
         where = (labels == c).nonzero().flatten()
         k = len(where)
         candidates = gaussians.sample(c, oversample * k)
-        keep = selector.score(candidates, torch.full((len(candidates),), i)).topk(k).indices
-        chosen = candidates[keep]
+        own = torch.full((len(candidates),), selector.classes.index(c))
+        chosen = candidates[selector.score(candidates, own).topk(k).indices]
         if k > 1:
             chosen = (chosen - chosen.mean(0)) / (chosen.std(0) + 1e-6) * gaussians.std(c) + gaussians.mean[c]
         targets[where] = chosen

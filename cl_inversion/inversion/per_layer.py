@@ -34,7 +34,13 @@ from cl_inversion.inversion.common import (
     pixel_step,
     total_variation_l2,
 )
-from cl_inversion.inversion.features import ClassGaussians, extract_features, sample_aligned_features
+from cl_inversion.inversion.features import (
+    ClassGaussians,
+    ContrastiveSelector,
+    extract_features,
+    fit_selector,
+    sample_aligned_features,
+)
 from cl_inversion.inversion.replay import BufferReplay
 
 
@@ -74,15 +80,18 @@ class PerLayerInversion:
                  lr: float = 0.05, feature_weight: float = 1.0, ce_weight: float = 1.0, bn_weight: float = 10.0,
                  layer_bn_weight: float = 1.0, prior_weight: float = 1.0, tv_weight: float = 2.5e-5, jitter: int = 2,
                  flip: bool = True,
-                 covariance: str = "diagonal", oversample: int = 2, progress: bool = True,
+                 covariance: str = "diagonal", oversample: int = 2, bn_loss: str = "kl",
+                 first_bn_multiplier: float = 10.0, progress: bool = True,
                  log_every: int = 10) -> None:
         self.layer_steps, self.full_steps, self.batch_size = layer_steps, full_steps, batch_size
         self.layer_lr, self.lr = layer_lr, lr
         self.feature_weight, self.ce_weight, self.bn_weight = feature_weight, ce_weight, bn_weight
         self.prior_weight, self.tv_weight, self.jitter, self.flip = prior_weight, tv_weight, jitter, flip
         self.layer_bn_weight = layer_bn_weight
+        self.bn_loss, self.first_bn_multiplier = bn_loss, first_bn_multiplier
         self.oversample, self.progress, self.log_every = oversample, progress, log_every
         self.gaussians = ClassGaussians(covariance)
+        self.selector: ContrastiveSelector | None = None
         self.image_shape: tuple[int, ...] = ()
         self.pixel_range: tuple[Tensor, Tensor] | None = None
         self.stats = SynthesisStats()
@@ -96,8 +105,8 @@ class PerLayerInversion:
 
     def observe(self, teacher: nn.Module, real_batches, replay_images: Tensor | None,
                 replay_labels: Tensor | None) -> None:
-        """Fit class Gaussians: new classes on real features, old classes re-estimated on the previous
-        synthetic buffer through the new teacher."""
+        """The task boundary's feature model: class Gaussians (new classes on real features, old classes
+        re-estimated on the previous synthetic buffer through the new teacher) and the contrastive selector."""
         features, labels = extract_features(teacher, real_batches)
         self.gaussians.fit(features, labels)
         if replay_images is not None:
@@ -105,6 +114,7 @@ class PerLayerInversion:
             old_features, old_labels = extract_features(teacher, old)
             keep = ~torch.isin(old_labels, labels.unique())
             self.gaussians.fit(old_features[keep], old_labels[keep])
+        self.selector = fit_selector(self.gaussians)
 
     def synthesize(self, teacher: nn.Module, classes: Sequence[int], n: int) -> tuple[Tensor, Tensor]:
         missing = [c for c in classes if c not in self.gaussians.mean]
@@ -113,7 +123,7 @@ class PerLayerInversion:
         self.stats = SynthesisStats()
         self.block_losses = []
         labels = balanced_labels(classes, n)
-        targets = sample_aligned_features(self.gaussians, labels, self.oversample)
+        targets = sample_aligned_features(self.gaussians, labels, self.oversample, self.selector)
         self.last_targets = targets
         device = next(teacher.parameters()).device
         chunks = []
@@ -171,10 +181,10 @@ class PerLayerInversion:
                         if is_image:
                             with torch.no_grad():
                                 u.copy_(clamp_to(u, low, high))
-                        first = float(rec) if first is None else first
+                        first = float(rec.detach()) if first is None else first
                         self.stats.full_model_passes += shares[k]
                         progress.update({"block": k, "rec": rec})
-                self.block_losses.insert(0, (first, float(rec)))
+                self.block_losses.insert(0, (first, float(rec.detach())))
                 target = (u if is_image or not relu_inputs else F.relu(u)).detach()
         finally:
             progress.close()
@@ -195,7 +205,12 @@ class PerLayerInversion:
                     logits = teacher.head(features)
                     feat = F.mse_loss(features, target_features)
                     ce = F.cross_entropy(logits, labels)
-                    bn_term = bn.kl() if len(bn) else torch.zeros((), device=x.device)
+                    if not len(bn):
+                        bn_term = torch.zeros((), device=x.device)
+                    elif self.bn_loss == "norm":
+                        bn_term = bn.norm_distance(self.first_bn_multiplier)
+                    else:
+                        bn_term = bn.kl()
                     loss = (self.feature_weight * feat + self.ce_weight * ce + self.bn_weight * bn_term
                             + self.tv_weight * total_variation_l2(view))
                     check_finite(loss, self.name, step)

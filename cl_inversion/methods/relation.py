@@ -7,11 +7,18 @@ While training task t (real new-task data + synthetic replay of old classes), wi
                logits on synthetic data,                                           × 0.15·α·β
   RKD        — angle-wise relation distillation between a learnable projection of
                current features and previous features of real data,               × 0.5·α·β
-The terms are added (PMI's public code multiplies two of them; that is a bug). The last
-`finetune_fraction` of the epochs trains only the head: class-balanced CE over the seen classes on
-real + synthetic data with frozen (eval-mode, detached) features, at a constant `finetune_lr` (0.005 as
-in R-DFCIL's code, whatever the main schedule). Real and synthetic batches take separate forward passes,
-as in the reference code, so BatchNorm never normalises real images with synthetic-batch statistics.
+The terms are added (PMI's public code multiplies two of them; that is a bug). Real and synthetic
+batches take separate forward passes, as in the reference code, so BatchNorm never normalises real
+images with synthetic-batch statistics.
+
+The last `finetune_fraction` of the epochs is the balancing phase, at a constant `finetune_lr`
+(0.005 in R-DFCIL's code, whatever the main schedule): cross-entropy over the seen classes on real +
+synthetic data, class-balanced, plus HKD (R-DFCIL's code drops only RKD there).
+  finetune_loss  — "weighted": per-sample weights that give every class the same total weight
+                   (R-DFCIL); "balanced_softmax": logits shifted by the log of each class's share of the
+                   batch (Ren et al. 2020).
+  finetune_scope — "head": only the classifier, on frozen eval-mode features (R-DFCIL); "all": the
+                   whole network.
 """
 
 from __future__ import annotations
@@ -23,7 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cl_inversion.errors import ConfigError
 from cl_inversion.methods.base import ContinualModule
+
+FINETUNE_LOSSES = ("weighted", "balanced_softmax")
+FINETUNE_SCOPES = ("head", "all")
 
 
 def angle_relations(embeddings: Tensor) -> Tensor:
@@ -41,11 +52,16 @@ class RelationGuided(ContinualModule):
 
     def __init__(self, *args, inversion: str = "generator", ce_scale: float = 0.5, hkd_scale: float = 0.15,
                  rkd_scale: float = 0.5, projection_dim: int = 128, finetune_fraction: float = 0.2,
-                 finetune_lr: float = 0.005, **kwargs) -> None:
+                 finetune_lr: float = 0.005, finetune_loss: str = "weighted", finetune_scope: str = "head",
+                 **kwargs) -> None:
         super().__init__(*args, inversion=inversion, **kwargs)
+        if finetune_loss not in FINETUNE_LOSSES:
+            raise ConfigError(f"method.finetune_loss={finetune_loss!r}: choose one of {', '.join(FINETUNE_LOSSES)}")
+        if finetune_scope not in FINETUNE_SCOPES:
+            raise ConfigError(f"method.finetune_scope={finetune_scope!r}: choose one of {', '.join(FINETUNE_SCOPES)}")
         self.ce_scale, self.hkd_scale, self.rkd_scale = ce_scale, hkd_scale, rkd_scale
-        self.finetune_fraction = finetune_fraction
-        self.finetune_lr = finetune_lr
+        self.finetune_fraction, self.finetune_lr = finetune_fraction, finetune_lr
+        self.finetune_loss, self.finetune_scope = finetune_loss, finetune_scope
         self.projection = nn.Linear(self.net.backbone.feature_dim, projection_dim)
 
     def term_weights(self) -> dict[str, float]:
@@ -67,7 +83,7 @@ class RelationGuided(ContinualModule):
             return {"loss": ce, "ce": ce}
         replay_x, replay_y = self.replay.sample(len(x))
         if self.in_head_finetuning():
-            return self.head_finetuning(torch.cat([x, replay_x]), torch.cat([y, replay_y]))
+            return self.balancing_loss(x, y, replay_x, replay_y)
         real_logits, features = self.net.forward_with_features(x)
         synthetic_logits = self.net(replay_x)  # separate pass: BN batch statistics never mix real and synthetic
         with torch.no_grad():
@@ -85,15 +101,31 @@ class RelationGuided(ContinualModule):
             for group in self.optimizers().optimizer.param_groups:
                 group["lr"] = self.finetune_lr
 
-    def head_finetuning(self, inputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
-        was_training = self.net.backbone.training
-        self.net.backbone.eval()
+    def balancing_loss(self, x: Tensor, y: Tensor, replay_x: Tensor, replay_y: Tensor) -> dict[str, Tensor]:
+        """Class-balanced CE over the seen classes on real + synthetic data, plus HKD."""
+        inputs, targets = torch.cat([x, replay_x]), torch.cat([y, replay_y])
+        if self.finetune_scope == "head":
+            was_training = self.net.backbone.training
+            self.net.backbone.eval()
+            with torch.no_grad():
+                features = self.net.features(inputs)
+            self.net.backbone.train(was_training)
+            logits = self.net.head(features)
+        else:
+            logits = self.net(inputs)
+        logits = logits[:, : self.n_seen]
+        if self.finetune_loss == "balanced_softmax":  # prior: half the batch real (new), half synthetic (old)
+            n_new = self.n_seen - self.n_old
+            log_prior = torch.full((self.n_seen,), -math.log(n_new), device=logits.device)
+            log_prior[: self.n_old] = -math.log(self.n_old)
+            ce = F.cross_entropy(logits + log_prior, targets)
+        else:
+            ce = (F.cross_entropy(logits, targets, reduction="none") * self.class_balance(targets)).mean()
         with torch.no_grad():
-            features = self.net.features(inputs)
-        self.net.backbone.train(was_training)
-        logits = self.net.head(features)[:, : self.n_seen]
-        head = (F.cross_entropy(logits, targets, reduction="none") * self.class_balance(targets)).mean()
-        return {"loss": head, "head_ce": head}
+            previous_synthetic = self.previous(replay_x)
+        hkd = (logits[len(x) :, : self.n_old] - previous_synthetic).abs().mean()
+        loss = ce + self.term_weights()["hkd"] * hkd
+        return {"loss": loss, "balanced_ce": ce, "hkd": hkd}
 
     def trainable_parameters(self):
         return [*super().trainable_parameters(), *self.projection.parameters()]
