@@ -9,6 +9,7 @@ where it needs one, the two hooks; state a hook creates that must survive a resu
 from __future__ import annotations
 
 import copy
+import multiprocessing
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -123,6 +124,15 @@ class ContinualModule(L.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
+
+    def teardown(self, stage: str) -> None:
+        """A `ddp_spawn` worker is a fresh process per fit: release its process group before it exits.
+        Left alive, gloo's threads can abort the exiting worker (SIGABRT, "terminate called without an
+        active exception") and fail the task. The main process keeps its group for the next task."""
+        if (stage == "fit" and multiprocessing.parent_process() is not None and torch.distributed.is_available()
+                and torch.distributed.is_initialized()):
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
 
     # --- shared loss pieces ------------------------------------------------------------------------
     def seen_cross_entropy(self, logits: Tensor, y: Tensor) -> Tensor:
