@@ -114,3 +114,13 @@ def test_unknown_balancing_settings_are_rejected_with_the_field_name():
 def make_with(**kwargs):
     return PMI(IncrementalClassifier(SmallCNN(1, width=8)), optimizer=functools.partial(torch.optim.SGD, lr=0.1),
                **kwargs)
+
+
+def test_digits_get_the_method_budget_and_it_can_be_turned_off(compose):
+    digits = compose([])  # pmi on digits: conf/method_budget/pmi_digits.yaml
+    assert (digits.method.finetune_scope, digits.method.finetune_loss) == ("all", "balanced_softmax")
+    assert compose(["method=rdfcil"]).method.rkd_scale == digits.method.rkd_scale == 5.0
+    for overrides in (["~method_budget"], ["dataset=imagefolder"], ["experiment=pmi_cifar100_b50_10t"],
+                      ["experiment=pmi_cifar100_b50_10t", "+smoke=digits"]):
+        cfg = compose(overrides)
+        assert (cfg.method.finetune_scope, cfg.method.finetune_loss, cfg.method.rkd_scale) == ("head", "weighted", 0.5)
