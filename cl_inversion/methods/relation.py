@@ -13,10 +13,11 @@ images with synthetic-batch statistics.
 
 The last `finetune_fraction` of the epochs is the balancing phase, at a constant `finetune_lr`
 (0.005 in R-DFCIL's code, whatever the main schedule): cross-entropy over the seen classes on real +
-synthetic data, class-balanced, plus HKD (R-DFCIL's code drops only RKD there).
+synthetic data, class-balanced, plus HKD (R-DFCIL's code drops only RKD there; it also scales that CE by
+λ_ce = 0.5, here it is unscaled).
   finetune_loss  — "weighted": per-sample weights that give every class the same total weight
                    (R-DFCIL); "balanced_softmax": logits shifted by the log of each class's share of the
-                   batch (Ren et al. 2020).
+                   batch — half real (new classes), half synthetic (old) — (Ren et al. 2020).
   finetune_scope — "head": only the classifier, on frozen eval-mode features (R-DFCIL); "all": the
                    whole network.
 """
