@@ -13,8 +13,8 @@ images with synthetic-batch statistics.
 
 The last `finetune_fraction` of the epochs is the balancing phase, at a constant `finetune_lr`
 (0.005 in R-DFCIL's code, whatever the main schedule): cross-entropy over the seen classes on real +
-synthetic data, class-balanced, plus HKD (R-DFCIL's code drops only RKD there; it also scales that CE by
-λ_ce = 0.5, here it is unscaled).
+synthetic data, class-balanced, plus HKD unless `finetune_hkd=false` (R-DFCIL's code drops only RKD
+there; it also scales that CE by λ_ce = 0.5, here it is unscaled).
   finetune_loss  — "weighted": per-sample weights that give every class the same total weight
                    (R-DFCIL); "balanced_softmax": logits shifted by the log of each class's share of the
                    batch — half real (new classes), half synthetic (old) — (Ren et al. 2020).
@@ -54,7 +54,7 @@ class RelationGuided(ContinualModule):
     def __init__(self, *args, inversion: str = "generator", ce_scale: float = 0.5, hkd_scale: float = 0.15,
                  rkd_scale: float = 0.5, projection_dim: int = 128, finetune_fraction: float = 0.2,
                  finetune_lr: float = 0.005, finetune_loss: str = "weighted", finetune_scope: str = "head",
-                 **kwargs) -> None:
+                 finetune_hkd: bool = True, **kwargs) -> None:
         super().__init__(*args, inversion=inversion, **kwargs)
         if finetune_loss not in FINETUNE_LOSSES:
             raise ConfigError(f"method.finetune_loss={finetune_loss!r}: choose one of {', '.join(FINETUNE_LOSSES)}")
@@ -62,7 +62,7 @@ class RelationGuided(ContinualModule):
             raise ConfigError(f"method.finetune_scope={finetune_scope!r}: choose one of {', '.join(FINETUNE_SCOPES)}")
         self.ce_scale, self.hkd_scale, self.rkd_scale = ce_scale, hkd_scale, rkd_scale
         self.finetune_fraction, self.finetune_lr = finetune_fraction, finetune_lr
-        self.finetune_loss, self.finetune_scope = finetune_loss, finetune_scope
+        self.finetune_loss, self.finetune_scope, self.finetune_hkd = finetune_loss, finetune_scope, finetune_hkd
         self.projection = nn.Linear(self.net.backbone.feature_dim, projection_dim)
 
     def term_weights(self) -> dict[str, float]:
@@ -122,6 +122,8 @@ class RelationGuided(ContinualModule):
             ce = F.cross_entropy(logits + log_prior, targets)
         else:
             ce = (F.cross_entropy(logits, targets, reduction="none") * self.class_balance(targets)).mean()
+        if not self.finetune_hkd:
+            return {"loss": ce, "balanced_ce": ce}
         with torch.no_grad():
             previous_synthetic = self.previous(replay_x)
         hkd = (logits[len(x) :, : self.n_old] - previous_synthetic).abs().mean()
