@@ -124,3 +124,5 @@ def test_digits_get_the_method_budget_and_it_can_be_turned_off(compose):
                       ["experiment=pmi_cifar100_b50_10t", "+smoke=digits"]):
         cfg = compose(overrides)
         assert (cfg.method.finetune_scope, cfg.method.finetune_loss, cfg.method.rkd_scale) == ("head", "weighted", 0.5)
+        assert cfg.method.finetune_hkd is False  # PMI's balancing: class-balanced CE alone
+    assert compose(["method=rdfcil", "~method_budget"]).method.finetune_hkd is True  # R-DFCIL's code keeps HKD
