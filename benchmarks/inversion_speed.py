@@ -29,7 +29,7 @@ from cl_inversion.run import build_dataset, compose
 
 SETTINGS = {  # dataset -> (overrides, teacher epochs, teacher subset)
     "digits": (["dataset=digits", "backbone=small_cnn"], 15, None),
-    "cifar10": (["dataset=imagefolder", "backbone=resnet32"], 4, 10000),
+    "cifar10": (["dataset=imagefolder", "backbone=resnet32"], 15, 10000),  # quick: 7 epochs on 5000 images
 }
 
 

@@ -36,3 +36,6 @@ def test_inversion_speed_reports_both_engines_and_speedups():
         assert key in result
     assert result["deepinversion"]["passes"] > 0
     assert 0 < result["pmi_per_layer_passes"] <= 50  # 50 steps per block, each at its FLOP share
+    assert result["pmi_feature_model_s"] > 0  # the boundary's feature model, timed apart
+    real = result["real_batch"]  # the same measures on real test images, for scale
+    assert 50 < real["teacher_accuracy"] <= 100 and real["bn_distance"] > 0
