@@ -102,11 +102,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--backbone", default=None, help="override the backbone config (e.g. clip_tiny)")
     parser.add_argument("--images", type=int, default=None)
     parser.add_argument("--verbose", action="store_true", help="print the quality curves")
-    parser.add_argument("--pmi-full-steps", type=int, default=None,
-                        help="PMI's full-model budget (default: the dataset's inversion.per_layer.full_steps)")
-    parser.add_argument("--pmi-bn-weight", type=float, default=None, help="override per_layer bn_weight")
     parser.add_argument("--pmi-set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a per_layer engine setting (repeatable), e.g. --pmi-set feature_weight=0.1")
+                        help="override a per_layer engine setting of the dataset's config (repeatable), "
+                             "e.g. --pmi-set full_steps=60 --pmi-set bn_loss=norm")
     args = parser.parse_args(argv)
 
     overrides, epochs, subset = SETTINGS[args.dataset]
@@ -140,12 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     reached_di_accuracy = next(p for p in watch_di.curve if watch_di.meets(p, accuracy_only=True))
 
     torch.manual_seed(1)
-    pmi_args = {} if args.pmi_bn_weight is None else {"bn_weight": args.pmi_bn_weight}
-    if args.pmi_full_steps is not None:
-        pmi_args["full_steps"] = args.pmi_full_steps
-    for item in args.pmi_set:
-        key, _, value = item.partition("=")
-        pmi_args[key] = yaml.safe_load(value)
+    pmi_args = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in args.pmi_set)}
     pmi = instantiate(cfg.inversion.per_layer, batch_size=n, progress=False, **pmi_args)
     pmi.setup(bundle.image_shape, pixel_range)
     real = [(bundle.train[i][0][None], bundle.train.targets[i : i + 1]) for i in range(0, len(bundle.train), 7)]

@@ -239,3 +239,8 @@ def test_any_engine_pairs_with_any_student(cli, tmp_path):
     assert read_results(tmp_path)["inversion"][0]["engine"] == "generator"
     bad = cli("method=abd", "method.inversion=dreams", run_dir=tmp_path / "bad", check=False)
     assert bad.returncode != 0 and "method.inversion='dreams'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_per_layer_bn_loss_is_checked():
+    with pytest.raises(ValueError, match=r"inversion.per_layer.bn_loss='l2': choose one of kl, norm"):
+        PerLayerInversion(bn_loss="l2")

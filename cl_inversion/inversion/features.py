@@ -7,7 +7,7 @@ real-feature distribution of their class, not only towards a label.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -71,13 +71,13 @@ class ContrastiveSelector(nn.Module):
     """MLP with an L2-normalised output and one learnable prototype per class, trained to tell classes
     apart; a candidate's score is its probability of belonging to its own class."""
 
-    def __init__(self, feature_dim: int, n_classes: int, hidden: int = 128, out: int = 64,
+    def __init__(self, feature_dim: int, classes: Sequence[int], hidden: int = 128, out: int = 64,
                  temperature: float = 0.1) -> None:
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(feature_dim, hidden), nn.ReLU(), nn.Linear(hidden, out))
-        self.prototypes = nn.Parameter(torch.randn(n_classes, out))
+        self.classes = list(classes)  # class id of each prototype
+        self.prototypes = nn.Parameter(torch.randn(len(self.classes), out))
         self.temperature = temperature
-        self.classes: list[int] = list(range(n_classes))  # class id of each prototype
 
     def logits(self, features: Tensor) -> Tensor:
         z = F.normalize(self.mlp(features), dim=1)
@@ -107,8 +107,7 @@ def fit_selector(gaussians: ClassGaussians, classes: list[int] | None = None, sa
     classes = sorted(gaussians.mean) if classes is None else list(classes)
     fit_x = torch.cat([gaussians.sample(c, samples_per_class) for c in classes])
     fit_y = torch.arange(len(classes)).repeat_interleave(samples_per_class)
-    selector = ContrastiveSelector(fit_x.shape[1], len(classes))
-    selector.classes = classes
+    selector = ContrastiveSelector(fit_x.shape[1], classes)
     with torch.enable_grad():
         selector.fit(fit_x, fit_y, steps=steps)
     return selector

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from cl_inversion.errors import ConfigError
 from cl_inversion.inversion.common import (
     BNStatistics,
     SynthesisProgress,
@@ -88,6 +89,8 @@ class PerLayerInversion:
         self.feature_weight, self.ce_weight, self.bn_weight = feature_weight, ce_weight, bn_weight
         self.prior_weight, self.tv_weight, self.jitter, self.flip = prior_weight, tv_weight, jitter, flip
         self.layer_bn_weight = layer_bn_weight
+        if bn_loss not in ("kl", "norm"):
+            raise ConfigError(f"inversion.per_layer.bn_loss={bn_loss!r}: choose one of kl, norm")
         self.bn_loss, self.first_bn_multiplier = bn_loss, first_bn_multiplier
         self.oversample, self.progress, self.log_every = oversample, progress, log_every
         self.gaussians = ClassGaussians(covariance)

@@ -72,7 +72,7 @@ class RelationGuided(ContinualModule):
         return {"ce": self.ce_scale * (1 + 1 / alpha) / beta, "hkd": self.hkd_scale * alpha * beta,
                 "rkd": self.rkd_scale * alpha * beta}
 
-    def in_head_finetuning(self) -> bool:
+    def in_balancing_phase(self) -> bool:
         if self.replay is None or self._trainer is None:
             return False
         max_epochs = self.trainer.max_epochs or 1
@@ -83,7 +83,7 @@ class RelationGuided(ContinualModule):
             ce = self.seen_cross_entropy(self(x), y)
             return {"loss": ce, "ce": ce}
         replay_x, replay_y = self.replay.sample(len(x))
-        if self.in_head_finetuning():
+        if self.in_balancing_phase():
             return self.balancing_loss(x, y, replay_x, replay_y)
         real_logits, features = self.net.forward_with_features(x)
         synthetic_logits = self.net(replay_x)  # separate pass: BN batch statistics never mix real and synthetic
@@ -98,7 +98,7 @@ class RelationGuided(ContinualModule):
         return {"loss": loss, "local_ce": local, "hkd": hkd, "rkd": rkd}
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if self.in_head_finetuning():  # constant lr, whatever the main schedule does
+        if self.in_balancing_phase():  # constant lr, whatever the main schedule does
             for group in self.optimizers().optimizer.param_groups:
                 group["lr"] = self.finetune_lr
 
