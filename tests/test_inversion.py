@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from conftest import read_results
 from torch import nn
 
+from cl_inversion.errors import ConfigError
 from cl_inversion.inversion import BNStatistics, GeneratorInversion, PerLayerInversion, PixelInversion, SynthesisError
 from cl_inversion.inversion.callback import frechet_distance
 from cl_inversion.inversion.common import balanced_labels, gaussian_blur, gaussian_kl, total_variation_l2
@@ -158,6 +159,20 @@ def test_per_layer_engine_reduces_each_blocks_reconstruction_error(trained_teach
     # a block step costs its FLOP share, a full step 1: total strictly between the two extremes
     assert 20 < engine.stats.full_model_passes < 20 + 40 * 3
     assert images.shape == (32, 1, 8, 8)
+
+
+def test_per_layer_engine_without_per_layer_phase_starts_from_clamped_noise(trained_teacher):
+    """layer_steps=0 is the ablation arm: full-model inversion (PMI's loss) from noise, no block steps."""
+    torch.manual_seed(0)
+    engine = PerLayerInversion(layer_steps=0, full_steps=5, batch_size=16, progress=False)
+    engine.setup((1, 8, 8), PIXEL_RANGE)
+    engine.gaussians.fit(torch.randn(40, trained_teacher.backbone.feature_dim), torch.arange(4).repeat(10))
+    images, _ = engine.synthesize(trained_teacher, [0, 1, 2, 3], 16)
+    assert engine.block_losses == [] and engine.stats.full_model_passes == 5
+    low, high = PIXEL_RANGE
+    assert images.shape == (16, 1, 8, 8) and bool(((images >= low) & (images <= high)).all())
+    with pytest.raises(ConfigError, match="layer_steps=-1"):
+        PerLayerInversion(layer_steps=-1)
 
 
 def test_class_gaussians_match_numpy():

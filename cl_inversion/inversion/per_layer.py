@@ -89,6 +89,9 @@ class PerLayerInversion:
         self.feature_weight, self.ce_weight, self.bn_weight = feature_weight, ce_weight, bn_weight
         self.prior_weight, self.tv_weight, self.jitter, self.flip = prior_weight, tv_weight, jitter, flip
         self.layer_bn_weight = layer_bn_weight
+        if layer_steps < 0 or full_steps < 0:
+            raise ConfigError(f"inversion.per_layer.layer_steps={layer_steps}, full_steps={full_steps}: "
+                              "steps must be >= 0 (layer_steps=0: full-model inversion from noise)")
         if bn_loss not in ("kl", "norm"):
             raise ConfigError(f"inversion.per_layer.bn_loss={bn_loss!r}: choose one of kl, norm")
         self.bn_loss, self.first_bn_multiplier = bn_loss, first_bn_multiplier
@@ -142,9 +145,13 @@ class PerLayerInversion:
         return torch.cat(chunks), labels
 
     def invert_layers(self, teacher: nn.Module, target_features: Tensor) -> Tensor:
-        """Block-wise inversion, last block first; returns the image-level input."""
+        """Block-wise inversion, last block first; returns the image-level input (with `layer_steps=0`, the
+        ablation without the per-layer phase: noise clamped to the pixel range)."""
         blocks = list(teacher.backbone.blocks())
         low, high = (r.to(target_features.device) for r in self.pixel_range)
+        if self.layer_steps == 0:
+            return clamp_to(torch.randn(len(target_features), *self.image_shape, device=target_features.device),
+                            low, high)
         probe = torch.zeros(len(target_features), *self.image_shape, device=target_features.device)
         shares, shapes = block_costs(blocks, probe)
         relu_inputs = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in teacher.modules())
