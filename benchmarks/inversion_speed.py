@@ -24,6 +24,7 @@ from hydra.utils import instantiate
 
 from cl_inversion.inversion import BNStatistics
 from cl_inversion.inversion.common import balanced_labels, frozen_eval
+from cl_inversion.inversion.features import sample_aligned_features
 from cl_inversion.models import IncrementalClassifier
 from cl_inversion.run import build_dataset, compose
 
@@ -95,6 +96,25 @@ class Watch:
         self.paused += time.perf_counter() - pause
 
 
+def summary(point: dict | None) -> dict | None:
+    return None if point is None else {k: point[k] for k in ("step", "passes", "wall_s", "teacher_accuracy",
+                                                             "bn_distance")}
+
+
+def arm(watch: Watch, reached_di: dict, reached_di_accuracy: dict) -> dict[str, Any]:
+    """One ablation arm: where it first meets the target (both criteria / accuracy alone), its end, speedups."""
+    both, accuracy = watch.reached, watch.reached_accuracy
+    return {"reached": summary(both), "reached_accuracy_only": summary(accuracy), "start": summary(watch.curve[0]),
+            "end": summary(watch.curve[-1]),
+            "speedup_passes": speedup(reached_di, both, "passes"),
+            "speedup_passes_accuracy": speedup(reached_di_accuracy, accuracy, "passes")}
+
+
+def speedup(reference: dict, point: dict | None, key: str) -> float | None:
+    """reference / point; None when the point never met the target, or met it at the start (zero cost)."""
+    return None if point is None or not point[key] else reference[key] / point[key]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller budgets (under 10 minutes on 2 cores)")
@@ -137,44 +157,66 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     reached_di = next(p for p in watch_di.curve if watch_di.meets(p))
     reached_di_accuracy = next(p for p in watch_di.curve if watch_di.meets(p, accuracy_only=True))
 
-    torch.manual_seed(1)
     pmi_args = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in args.pmi_set)}
-    pmi = instantiate(cfg.inversion.per_layer, batch_size=n, progress=False, **pmi_args)
-    pmi.setup(bundle.image_shape, pixel_range)
-    real = [(bundle.train[i][0][None], bundle.train.targets[i : i + 1]) for i in range(0, len(bundle.train), 7)]
-    began = time.perf_counter()  # the task boundary's feature model (Gaussians + selector): reported, not counted
-    pmi.observe(teacher, [(torch.cat([x for x, _ in real]), torch.cat([y for _, y in real]))], None, None)
-    feature_model_s = time.perf_counter() - began
+    train_sample = [(bundle.train[i][0][None], bundle.train.targets[i : i + 1])
+                    for i in range(0, len(bundle.train), 7)]
+    train_sample = [(torch.cat([x for x, _ in train_sample]), torch.cat([y for _, y in train_sample]))]
+
+    def pmi_engine(**overrides):
+        engine = instantiate(cfg.inversion.per_layer, batch_size=n, progress=False, **{**pmi_args, **overrides})
+        engine.setup(bundle.image_shape, pixel_range)
+        began = time.perf_counter()  # the task boundary's feature model (Gaussians + selector): not counted
+        engine.observe(teacher, train_sample, None, None)
+        return engine, time.perf_counter() - began
+
+    torch.manual_seed(1)
+    pmi, feature_model_s = pmi_engine()
     watch_pmi = Watch(teacher, labels, pmi, every, target)
     pmi.step_hook = watch_pmi
     pmi.synthesize(teacher, classes, n)
     reached_pmi, reached_pmi_accuracy = watch_pmi.reached, watch_pmi.reached_accuracy
 
-    def summary(point: dict | None) -> dict | None:
-        return None if point is None else {k: point[k] for k in ("step", "passes", "wall_s", "teacher_accuracy",
-                                                                 "bn_distance")}
+    # Ablations, same targets and budget: what the per-layer phase itself buys.
+    # (1) PMI's full-model inversion from noise (layer_steps=0);
+    torch.manual_seed(1)
+    no_layers, _ = pmi_engine(layer_steps=0)
+    watch_no_layers = Watch(teacher, labels, no_layers, every, target)
+    no_layers.step_hook = watch_no_layers
+    no_layers.synthesize(teacher, classes, n)
+    # (2) the same from real test images of the same labels: a bound on what any initialisation can buy.
+    torch.manual_seed(1)
+    from_real, _ = pmi_engine()
+    by_class = {c: (bundle.test.targets == c).nonzero().flatten().tolist() for c in classes}
+    real_init = torch.stack([bundle.test[by_class[int(c)].pop(0)][0] for c in labels])
+    targets = sample_aligned_features(from_real.gaussians, labels, from_real.oversample, from_real.selector)
+    watch_real = Watch(teacher, labels, from_real, every, target)
+    from_real.step_hook = watch_real
+    with frozen_eval(teacher):
+        from_real.invert_full(teacher, real_init, targets, labels)
 
     result = {
         "dataset": args.dataset, "backbone": cfg.backbone._target_.rsplit(".", 1)[-1] if not args.backbone
         else args.backbone, "n_images": n, "quick": args.quick, "teacher_train_s": teacher_s,
         "target": target, "deepinversion": summary(reached_di),
         "pmi": summary(reached_pmi), "pmi_end": summary(watch_pmi.curve[-1]),
+        "pmi_start": summary(watch_pmi.curve[0]),  # the per-layer image, before any full-model step
         "pmi_per_layer_passes": pmi.stats.full_model_passes - pmi.full_steps,
         "pmi_feature_model_s": feature_model_s,
         "real_batch": real_quality,
         # equal quality = both criteria; null when PMI's budget never reaches it
-        "speedup_passes": None if reached_pmi is None else reached_di["passes"] / reached_pmi["passes"],
-        "speedup_wall": None if reached_pmi is None else reached_di["wall_s"] / reached_pmi["wall_s"],
+        "speedup_passes": speedup(reached_di, reached_pmi, "passes"),
+        "speedup_wall": speedup(reached_di, reached_pmi, "wall_s"),
         # teacher accuracy alone (the criterion that applies to ViTs, which have no BN statistics)
         "deepinversion_accuracy_only": summary(reached_di_accuracy),
         "pmi_accuracy_only": summary(reached_pmi_accuracy),
-        "speedup_passes_accuracy": None if reached_pmi_accuracy is None
-        else reached_di_accuracy["passes"] / reached_pmi_accuracy["passes"],
-        "speedup_wall_accuracy": None if reached_pmi_accuracy is None
-        else reached_di_accuracy["wall_s"] / reached_pmi_accuracy["wall_s"],
+        "speedup_passes_accuracy": speedup(reached_di_accuracy, reached_pmi_accuracy, "passes"),
+        "speedup_wall_accuracy": speedup(reached_di_accuracy, reached_pmi_accuracy, "wall_s"),
     }
+    result["ablations"] = {name: arm(watch, reached_di, reached_di_accuracy) for name, watch in
+                           (("pmi_without_per_layer", watch_no_layers), ("pmi_from_real_images", watch_real))}
     if args.verbose:
-        for name, watch in (("deepinversion", watch_di), ("pmi", watch_pmi)):
+        for name, watch in (("deepinversion", watch_di), ("pmi", watch_pmi), ("without_per_layer", watch_no_layers),
+                            ("from_real_images", watch_real)):
             for point in watch.curve[:: max(1, len(watch.curve) // 8)]:
                 print(name, {k: round(v, 4) if isinstance(v, float) else v for k, v in point.items()})
     print(json.dumps(result))

@@ -39,3 +39,10 @@ def test_inversion_speed_reports_both_engines_and_speedups():
     assert result["pmi_feature_model_s"] > 0  # the boundary's feature model, timed apart
     real = result["real_batch"]  # the same measures on real test images, for scale
     assert 50 < real["teacher_accuracy"] <= 100 and real["bn_distance"] > 0
+    # ablations on the same targets: no per-layer phase (full steps only), and real images as the start
+    ablations = result["ablations"]
+    assert ablations["pmi_without_per_layer"]["end"]["passes"] == result["pmi_end"]["step"]
+    assert ablations["pmi_from_real_images"]["end"]["passes"] == result["pmi_end"]["step"]
+    assert result["pmi_end"]["passes"] > result["pmi_end"]["step"]  # the per-layer passes come on top
+    start = result["pmi_start"]  # the per-layer image, before the first full-model step
+    assert start["step"] == 0 and abs(start["passes"] - result["pmi_per_layer_passes"]) < 1e-6

@@ -103,7 +103,7 @@ class PerLayerInversion:
         self.stats = SynthesisStats()
         self.last_targets: Tensor | None = None
         self.block_losses: list[tuple[float, float]] = []  # per block: (first, last) reconstruction MSE
-        self.step_hook = None  # optional callable(images, step) after each full-model step (benchmarks)
+        self.step_hook = None  # optional callable(images, step) at the start (step -1) and after each full-model step
 
     def setup(self, image_shape: Sequence[int], pixel_range: tuple[Tensor, Tensor]) -> None:
         self.image_shape = tuple(image_shape)
@@ -206,6 +206,8 @@ class PerLayerInversion:
         x = image.clone().requires_grad_(True)
         optimizer = torch.optim.Adam([x], lr=self.lr, betas=(0.5, 0.9))
         progress = SynthesisProgress(self.full_steps, "PMI full-model", self.stats, self.log_every, self.progress)
+        if self.step_hook is not None:
+            self.step_hook(x.detach(), -1)
         try:
             with BNStatistics(teacher) as bn:
                 for step in range(self.full_steps):

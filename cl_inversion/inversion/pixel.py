@@ -48,7 +48,7 @@ class PixelInversion:
         self.image_shape: tuple[int, ...] = ()
         self.pixel_range: tuple[Tensor, Tensor] | None = None
         self.stats = SynthesisStats()
-        self.step_hook = None  # optional callable(images, step): benchmarks watch quality per step
+        self.step_hook = None  # optional callable(images, step) at the start (step -1) and after each step (benchmarks)
 
     def setup(self, image_shape: Sequence[int], pixel_range: tuple[Tensor, Tensor]) -> None:
         self.image_shape = tuple(image_shape)
@@ -86,6 +86,8 @@ class PixelInversion:
         optimizer = torch.optim.Adam([x], lr=lr, betas=(0.5, 0.9), eps=1e-8)
         progress = SynthesisProgress(self.steps, f"DeepInversion batch {chunk}", self.stats, self.log_every,
                                      self.progress)
+        if self.step_hook is not None:
+            self.step_hook(x.detach(), -1)
         try:
             for step in range(self.steps):
                 cosine_lr(optimizer, lr, step, self.steps)
