@@ -73,6 +73,7 @@ class Watch:
         self.reached: dict[str, Any] | None = None  # both criteria
         self.reached_accuracy: dict[str, Any] | None = None
         self.curve: list[dict[str, Any]] = []
+        self.start_images: torch.Tensor | None = None
 
     def meets(self, q: dict, accuracy_only: bool = False) -> bool:
         t = self.target
@@ -85,6 +86,8 @@ class Watch:
         if (step + 1) % self.every:
             return
         pause = time.perf_counter()
+        if step < 0:
+            self.start_images = images.clone()  # the engine updates its tensor in place
         q = quality(self.teacher, images, self.labels)
         point = {"step": step + 1, "passes": self.engine.stats.full_model_passes,
                  "wall_s": pause - self.started - self.paused, **q}
@@ -101,13 +104,21 @@ def summary(point: dict | None) -> dict | None:
                                                              "bn_distance")}
 
 
-def arm(watch: Watch, reached_di: dict, reached_di_accuracy: dict) -> dict[str, Any]:
-    """One ablation arm: where it first meets the target (both criteria / accuracy alone), its end, speedups."""
+def arm(watch: Watch, start_feature_error: float, reached_di: dict, reached_di_accuracy: dict) -> dict[str, Any]:
+    """One ablation arm: where it first meets the target (both criteria / accuracy alone), its start and end,
+    speedups."""
     both, accuracy = watch.reached, watch.reached_accuracy
     return {"reached": summary(both), "reached_accuracy_only": summary(accuracy), "start": summary(watch.curve[0]),
-            "end": summary(watch.curve[-1]),
+            "start_feature_error": start_feature_error, "end": summary(watch.curve[-1]),
             "speedup_passes": speedup(reached_di, both, "passes"),
             "speedup_passes_accuracy": speedup(reached_di_accuracy, accuracy, "passes")}
+
+
+@torch.no_grad()
+def feature_error(teacher, images, targets) -> float:
+    """Relative squared error of the images' features to their target features (1 = as far as zero)."""
+    with frozen_eval(teacher):
+        return float((teacher.features(images) - targets).pow(2).mean() / targets.pow(2).mean())
 
 
 def speedup(reference: dict, point: dict | None, key: str) -> float | None:
@@ -200,6 +211,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "target": target, "deepinversion": summary(reached_di),
         "pmi": summary(reached_pmi), "pmi_end": summary(watch_pmi.curve[-1]),
         "pmi_start": summary(watch_pmi.curve[0]),  # the per-layer image, before any full-model step
+        # how far the per-layer chain carries the target back: each block's relative reconstruction error
+        # (first step, last step; stem first) and the per-layer image's features vs their targets
+        "pmi_block_relative_errors": pmi.block_losses,
+        "pmi_start_feature_error": feature_error(teacher, watch_pmi.start_images, pmi.last_targets),
         "pmi_per_layer_passes": pmi.stats.full_model_passes - pmi.full_steps,
         "pmi_feature_model_s": feature_model_s,
         "real_batch": real_quality,
@@ -212,8 +227,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "speedup_passes_accuracy": speedup(reached_di_accuracy, reached_pmi_accuracy, "passes"),
         "speedup_wall_accuracy": speedup(reached_di_accuracy, reached_pmi_accuracy, "wall_s"),
     }
-    result["ablations"] = {name: arm(watch, reached_di, reached_di_accuracy) for name, watch in
-                           (("pmi_without_per_layer", watch_no_layers), ("pmi_from_real_images", watch_real))}
+    result["ablations"] = {
+        "pmi_without_per_layer": arm(watch_no_layers, feature_error(teacher, watch_no_layers.start_images,
+                                                                    no_layers.last_targets), reached_di,
+                                     reached_di_accuracy),
+        "pmi_from_real_images": arm(watch_real, feature_error(teacher, real_init, targets), reached_di,
+                                    reached_di_accuracy)}
     if args.verbose:
         for name, watch in (("deepinversion", watch_di), ("pmi", watch_pmi), ("without_per_layer", watch_no_layers),
                             ("from_real_images", watch_real)):

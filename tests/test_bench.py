@@ -46,3 +46,5 @@ def test_inversion_speed_reports_both_engines_and_speedups():
     assert result["pmi_end"]["passes"] > result["pmi_end"]["step"]  # the per-layer passes come on top
     start = result["pmi_start"]  # the per-layer image, before the first full-model step
     assert start["step"] == 0 and abs(start["passes"] - result["pmi_per_layer_passes"]) < 1e-6
+    assert len(result["pmi_block_relative_errors"]) == 3  # small CNN: stem + 2 stages
+    assert result["pmi_start_feature_error"] > 0 and ablations["pmi_from_real_images"]["start_feature_error"] > 0
