@@ -173,15 +173,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     for i in range(0, len(bundle.train), 7)]
     train_sample = [(torch.cat([x for x, _ in train_sample]), torch.cat([y for _, y in train_sample]))]
 
-    def pmi_engine(**overrides):
+    def pmi_engine(fitted=None, **overrides):
+        """A per-layer engine; its task-boundary feature model fitted (timed) or shared with `fitted`."""
         engine = instantiate(cfg.inversion.per_layer, batch_size=n, progress=False, **{**pmi_args, **overrides})
         engine.setup(bundle.image_shape, pixel_range)
-        began = time.perf_counter()  # the task boundary's feature model (Gaussians + selector): not counted
-        engine.observe(teacher, train_sample, None, None)
+        began = time.perf_counter()
+        if fitted is None:
+            engine.observe(teacher, train_sample, None, None)
+        else:
+            engine.gaussians, engine.selector = fitted.gaussians, fitted.selector
         return engine, time.perf_counter() - began
 
     torch.manual_seed(1)
-    pmi, feature_model_s = pmi_engine()
+    pmi, feature_model_s = pmi_engine()  # the boundary's Gaussians + selector: reported, not counted
+    after_fit = torch.get_rng_state()  # the ablations restart here: the same sampled feature targets
     watch_pmi = Watch(teacher, labels, pmi, every, target)
     pmi.step_hook = watch_pmi
     pmi.synthesize(teacher, classes, n)
@@ -189,14 +194,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # Ablations, same targets and budget: what the per-layer phase itself buys.
     # (1) PMI's full-model inversion from noise (layer_steps=0);
-    torch.manual_seed(1)
-    no_layers, _ = pmi_engine(layer_steps=0)
+    torch.set_rng_state(after_fit)
+    no_layers, _ = pmi_engine(pmi, layer_steps=0)
     watch_no_layers = Watch(teacher, labels, no_layers, every, target)
     no_layers.step_hook = watch_no_layers
     no_layers.synthesize(teacher, classes, n)
+    if not torch.equal(no_layers.last_targets, pmi.last_targets):
+        raise RuntimeError("ablation without the per-layer phase sampled other feature targets than PMI")
     # (2) the same from real test images of the same labels: a bound on what any initialisation can buy.
-    torch.manual_seed(1)
-    from_real, _ = pmi_engine()
+    torch.set_rng_state(after_fit)
+    from_real, _ = pmi_engine(pmi)
     by_class = {c: (bundle.test.targets == c).nonzero().flatten().tolist() for c in classes}
     real_init = torch.stack([bundle.test[by_class[int(c)].pop(0)][0] for c in labels])
     targets = sample_aligned_features(from_real.gaussians, labels, from_real.oversample, from_real.selector)
