@@ -5,7 +5,9 @@ On one frozen teacher (trained here), synthesise the same images with (a) DeepIn
 and (b) per-layer init + full-model inversion, side by side in one process. Quality target =
 DeepInversion's own end quality: teacher accuracy on the batch (≥) and BN distance (≤; ViTs have no BN,
 so accuracy alone). For each: full-model passes (per-layer steps at their FLOP share) and wall time
-until the target is first met (quality checks are not timed). Last output line: one JSON object.
+until the target is first met (quality checks are not timed). Two ablations on the same feature targets
+and budget say what the per-layer phase itself buys: PMI's full-model inversion from noise, and from real
+test images (a bound on any initialisation). Last output line: one JSON object.
 
     python -m benchmarks.inversion_speed [--quick] [--dataset digits|cifar10] [--backbone clip_tiny]
 """
