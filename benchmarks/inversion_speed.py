@@ -26,7 +26,6 @@ from hydra.utils import instantiate
 
 from cl_inversion.inversion import BNStatistics
 from cl_inversion.inversion.common import balanced_labels, frozen_eval
-from cl_inversion.inversion.features import sample_aligned_features
 from cl_inversion.models import IncrementalClassifier
 from cl_inversion.run import build_dataset, compose
 
@@ -106,12 +105,13 @@ def summary(point: dict | None) -> dict | None:
                                                              "bn_distance")}
 
 
-def arm(watch: Watch, start_feature_error: float, reached_di: dict, reached_di_accuracy: dict) -> dict[str, Any]:
+def arm(teacher, watch: Watch, targets, reached_di: dict, reached_di_accuracy: dict) -> dict[str, Any]:
     """One ablation arm: where it first meets the target (both criteria / accuracy alone), its start and end,
     speedups."""
     both, accuracy = watch.reached, watch.reached_accuracy
     return {"reached": summary(both), "reached_accuracy_only": summary(accuracy), "start": summary(watch.curve[0]),
-            "start_feature_error": start_feature_error, "end": summary(watch.curve[-1]),
+            "start_feature_error": feature_error(teacher, watch.start_images, targets),
+            "end": summary(watch.curve[-1]),
             "speedup_passes": speedup(reached_di, both, "passes"),
             "speedup_passes_accuracy": speedup(reached_di_accuracy, accuracy, "passes")}
 
@@ -208,11 +208,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from_real, _ = pmi_engine(pmi)
     by_class = {c: (bundle.test.targets == c).nonzero().flatten().tolist() for c in classes}
     real_init = torch.stack([bundle.test[by_class[int(c)].pop(0)][0] for c in labels])
-    targets = sample_aligned_features(from_real.gaussians, labels, from_real.oversample, from_real.selector)
     watch_real = Watch(teacher, labels, from_real, every, target)
     from_real.step_hook = watch_real
     with frozen_eval(teacher):
-        from_real.invert_full(teacher, real_init, targets, labels)
+        from_real.invert_full(teacher, real_init, pmi.last_targets, labels)
 
     result = {
         "dataset": args.dataset, "backbone": cfg.backbone._target_.rsplit(".", 1)[-1] if not args.backbone
@@ -236,12 +235,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "speedup_passes_accuracy": speedup(reached_di_accuracy, reached_pmi_accuracy, "passes"),
         "speedup_wall_accuracy": speedup(reached_di_accuracy, reached_pmi_accuracy, "wall_s"),
     }
-    result["ablations"] = {
-        "pmi_without_per_layer": arm(watch_no_layers, feature_error(teacher, watch_no_layers.start_images,
-                                                                    no_layers.last_targets), reached_di,
-                                     reached_di_accuracy),
-        "pmi_from_real_images": arm(watch_real, feature_error(teacher, real_init, targets), reached_di,
-                                    reached_di_accuracy)}
+    result["ablations"] = {name: arm(teacher, watch, pmi.last_targets, reached_di, reached_di_accuracy)
+                           for name, watch in (("pmi_without_per_layer", watch_no_layers),
+                                               ("pmi_from_real_images", watch_real))}
     if args.verbose:
         for name, watch in (("deepinversion", watch_di), ("pmi", watch_pmi), ("without_per_layer", watch_no_layers),
                             ("from_real_images", watch_real)):
