@@ -21,6 +21,15 @@ class ScenarioConfig:
 
 
 @dataclass
+class PublishedConfig:
+    """A preset's published figure: `report` prints it beside our mean ± std (and the difference)."""
+
+    final_accuracy: float | None = None  # final average accuracy (%), task-agnostic
+    std: float | None = None
+    source: str = ""  # paper and table, e.g. "ABD (Smith et al., ICCV 2021), Table 1"
+
+
+@dataclass
 class RunConfig:
     dataset: Any = MISSING
     backbone: Any = MISSING
@@ -37,6 +46,7 @@ class RunConfig:
     callbacks: Any = field(default_factory=dict)  # name -> {_target_: ...}: Lightning callbacks of the run
     checkpoint: bool = True
     experiment_name: str | None = None
+    published: PublishedConfig | None = None  # set by experiment presets that reproduce a table row
 
 
 def register_configs() -> None:

@@ -216,15 +216,16 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             trainer.fit(method, datamodule=datamodule)
             logging_utils.after_fit(logger)
             train_s = time.perf_counter() - began
+            device = trainer.strategy.root_device  # fit's teardown left the module on the CPU
+            method.net.to(device)
             method.end_task(datamodule)
             context = TaskContext(t, run_dir, logger, datamodule, bundle.image_shape, bundle.pixel_range(),
-                                  bundle.mean, bundle.std)
+                                  bundle.mean, bundle.std, device)
             for callback in callbacks:
                 if isinstance(callback, ContinualCallback):
                     callback.on_task_end(method, context)
                     results.update(callback.results())
 
-            device = trainer.strategy.root_device
             method.net.to(device)
             row = evaluate(method.net, datamodule.test_dataloaders(),
                            [scenario.tasks[j].classes for j in range(t + 1)], device)

@@ -33,6 +33,7 @@ class TaskContext:
     pixel_range: tuple[Tensor, Tensor]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    device: torch.device = torch.device("cpu")  # where the task trained: synthesis runs there too
 
 
 class ContinualCallback(L.Callback):
@@ -97,7 +98,7 @@ class InversionCallback(ContinualCallback):
     def on_task_end(self, method: Any, context: TaskContext) -> None:
         if method.is_last_task:
             return
-        teacher = self.teacher_of(method)
+        teacher = self.teacher_of(method).to(context.device)
         self.engine.setup(context.image_shape, context.pixel_range)
         began = time.perf_counter()
         if hasattr(self.engine, "observe"):  # engines that model real features (PMI) see the task's data

@@ -166,10 +166,13 @@ class GeneratorInversion:
     def state_dict(self) -> dict:
         if self.generator is None:
             return {}
-        return {"generator": self.generator.state_dict(), "optimizer": self.optimizer.state_dict()}
+        return {"generator": self.generator.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "image_shape": list(self.image_shape)}
 
     def load_state_dict(self, state: dict) -> None:
         if state:
+            if "image_shape" in state:  # resume builds the engine before setup() has run
+                self.image_shape = tuple(state["image_shape"])
             self._fresh_generator(torch.device("cpu"), self.lr)
             self.generator.load_state_dict(state["generator"])
             self.optimizer.load_state_dict(state["optimizer"])
