@@ -87,7 +87,8 @@ def test_image_priors():
     assert total_variation_l2(flat) == 0
     stripes = torch.zeros(1, 1, 4, 4)
     stripes[..., ::2] = 1.0
-    assert total_variation_l2(stripes) == pytest.approx(1.0)  # every horizontal neighbour differs by 1
+    # NVlabs' TV: 12 horizontal differences of 1 (norm √12), none vertical, 9 per diagonal (norm 3 each)
+    assert total_variation_l2(stripes) == pytest.approx(12**0.5 + 6.0)
     assert torch.allclose(gaussian_blur(flat), flat, atol=1e-6)  # a blur keeps constants
     noise = torch.randn(1, 3, 16, 16)
     assert gaussian_blur(noise).var() < noise.var()

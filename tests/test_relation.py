@@ -62,7 +62,8 @@ def test_loss_adds_local_ce_hkd_and_rkd_and_projection_is_trained():
     assert torch.allclose(terms["local_ce"], local, atol=1e-5)
     assert torch.allclose(terms["hkd"], hkd, atol=1e-5)
     assert torch.allclose(terms["loss"], w["ce"] * local + w["hkd"] * hkd + w["rkd"] * terms["rkd"], atol=1e-5)
-    assert any(p is m.projection.weight for p in m.trainable_parameters())
+    assert any(p is m.projection.student.weight for p in m.trainable_parameters())
+    assert any(p is m.projection.teacher.weight for p in m.trainable_parameters())
 
 
 def boundary_ready(cls, **kwargs):
@@ -81,7 +82,7 @@ def boundary_ready(cls, **kwargs):
 
 @pytest.mark.parametrize("scope", ["head", "all"])
 def test_balancing_phase_is_balanced_softmax_plus_hkd_and_scope_decides_what_learns(scope):
-    m = boundary_ready(PMI, finetune_loss="balanced_softmax", finetune_scope=scope)
+    m = boundary_ready(PMI, finetune_loss="balanced_softmax", finetune_scope=scope, finetune_ce_scale=1.0)
     assert (m.n_old, m.n_seen) == (4, 6)  # the prior tilts old logits by -log 4, new ones by -log 2
     x, y = torch.randn(6, 1, 8, 8), torch.tensor([4, 5] * 3)
     replay_x, replay_y = torch.randn(6, 1, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1])
@@ -120,8 +121,8 @@ def test_digits_get_the_method_budget_and_it_can_be_turned_off(compose):
     digits = compose([])  # pmi on digits: conf/method_budget/pmi_digits.yaml
     assert (digits.method.finetune_scope, digits.method.finetune_loss) == ("all", "balanced_softmax")
     assert compose(["method=rdfcil"]).method.rkd_scale == digits.method.rkd_scale == 5.0
-    for overrides in (["~method_budget"], ["dataset=imagefolder"], ["experiment=pmi_cifar100_b50_10t"],
-                      ["experiment=pmi_cifar100_b50_10t", "+smoke=digits"]):
+    for overrides in (["~method_budget"], ["dataset=imagefolder"], ["experiment=pmi_cifar100_10t"],
+                      ["experiment=pmi_cifar100_10t", "+smoke=digits"]):
         cfg = compose(overrides)
         assert (cfg.method.finetune_scope, cfg.method.finetune_loss, cfg.method.rkd_scale) == ("head", "weighted", 0.5)
         assert cfg.method.finetune_hkd is False  # PMI's balancing: class-balanced CE alone

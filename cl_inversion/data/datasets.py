@@ -21,8 +21,10 @@ from cl_inversion.errors import ConfigError
 from cl_inversion.io import save_checkpoint
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # CIFAR-10 (ABD dataloaders/utils.py `dataset_stats`)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)  # CIFAR-100, same source
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
 
 class TensorImageDataset(Dataset):
@@ -58,10 +60,19 @@ class TensorImageDataset(Dataset):
                                   self.std.flatten().tolist(), self.augment)
 
 
-def crop_flip(padding: int = 4) -> Callable[[Tensor], Tensor]:
-    """Random crop with zero padding + horizontal flip: the CIFAR augmentation of ABD / R-DFCIL."""
+def crop_flip(padding: int = 4, color_jitter: bool = False) -> Callable[[Tensor], Tensor]:
+    """Random crop with zero padding + horizontal flip: the CIFAR augmentation of R-DFCIL (`datamodule.py`);
+    `color_jitter` puts ABD's `ColorJitter(brightness=63/255, contrast=0.8)` first (ABD
+    `dataloaders/utils.py` `get_transform`)."""
+    jitter = None
+    if color_jitter:
+        from torchvision.transforms import ColorJitter
+
+        jitter = ColorJitter(brightness=63 / 255, contrast=0.8)
 
     def augment(image: Tensor) -> Tensor:
+        if jitter is not None and image.shape[0] == 3:
+            image = jitter(image)
         _, h, w = image.shape
         padded = torch.nn.functional.pad(image, (padding,) * 4)
         top, left = (int(v) for v in torch.randint(0, 2 * padding + 1, (2,)))
@@ -128,7 +139,7 @@ def _check_root(root: str | os.PathLike, field: str, how_to_get: str) -> Path:
     return path
 
 
-def _cifar(name: str, root: str, download: bool, augment: bool) -> DatasetBundle:
+def _cifar(name: str, root: str, download: bool, augment: bool, color_jitter: bool = False) -> DatasetBundle:
     import torchvision
 
     if not download:
@@ -145,24 +156,27 @@ def _cifar(name: str, root: str, download: bool, augment: bool) -> DatasetBundle
         return torch.from_numpy(split.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(split.targets)
 
     (xtr, ytr), (xte, yte) = as_tensor(train), as_tensor(test)
+    mean, std = (CIFAR_MEAN, CIFAR_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
     return DatasetBundle(
         name=name,
-        train=TensorImageDataset(xtr, ytr, CIFAR_MEAN, CIFAR_STD, crop_flip() if augment else None),
-        test=TensorImageDataset(xte, yte, CIFAR_MEAN, CIFAR_STD),
+        train=TensorImageDataset(xtr, ytr, mean, std, crop_flip(color_jitter=color_jitter) if augment else None),
+        test=TensorImageDataset(xte, yte, mean, std),
         class_names=list(train.classes),
-        mean=CIFAR_MEAN,
-        std=CIFAR_STD,
+        mean=mean,
+        std=std,
     )
 
 
-def cifar10(root: str = "data", download: bool = False, augment: bool = True) -> DatasetBundle:
+def cifar10(root: str = "data", download: bool = False, augment: bool = True,
+            color_jitter: bool = False) -> DatasetBundle:
     """torchvision CIFAR-10 (set `download=true` to fetch it into `root`)."""
-    return _cifar("cifar10", root, download, augment)
+    return _cifar("cifar10", root, download, augment, color_jitter)
 
 
-def cifar100(root: str = "data", download: bool = False, augment: bool = True) -> DatasetBundle:
+def cifar100(root: str = "data", download: bool = False, augment: bool = True,
+             color_jitter: bool = False) -> DatasetBundle:
     """torchvision CIFAR-100 (set `download=true` to fetch it into `root`)."""
-    return _cifar("cifar100", root, download, augment)
+    return _cifar("cifar100", root, download, augment, color_jitter)
 
 
 def _decode_folder(folder: Path, class_names: list[str], image_size: int | None) -> tuple[Tensor, Tensor]:
@@ -196,6 +210,7 @@ def imagefolder(
     cache: bool = True,
     train_per_class: int | None = None,
     subset_seed: int = 0,
+    color_jitter: bool = False,
 ) -> DatasetBundle:
     """Any `root/train/<class>/*` + `root/test/<class>/*` tree (CIFAR-10 JPEG copy, Tiny-ImageNet...).
 
@@ -236,7 +251,7 @@ def imagefolder(
     mean, std = tuple(mean), tuple(std)
     return DatasetBundle(
         name=base.name,
-        train=TensorImageDataset(xtr, ytr, mean, std, crop_flip() if augment else None),
+        train=TensorImageDataset(xtr, ytr, mean, std, crop_flip(color_jitter=color_jitter) if augment else None),
         test=TensorImageDataset(xte, yte, mean, std),
         class_names=class_names,
         mean=mean,

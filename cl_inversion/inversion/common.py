@@ -57,7 +57,8 @@ class BNStatistics:
             yield layer, stats[0], stats[1]
 
     def kl(self, reduction: str = "mean") -> Tensor:
-        """Channel-mean KL(running ‖ batch) per layer, then the mean (metric) or sum (ABD's loss) over layers."""
+        """Channel-mean KL(running ‖ batch) per layer, then the mean over layers (ABD's and cl-lite's loss,
+        the `bn_distance` metric) or the sum."""
         if not self.layers:
             raise RuntimeError("the network has no BatchNorm layer: a BN-statistics term does not apply")
         terms = torch.stack([gaussian_kl(layer.running_mean, layer.running_var, mean, var).mean()
@@ -84,18 +85,27 @@ class BNStatistics:
 
 
 def total_variation_l2(x: Tensor) -> Tensor:
-    """DeepInversion's L2 total-variation prior: mean squared difference of neighbouring pixels."""
-    dh = x[:, :, 1:, :] - x[:, :, :-1, :]
-    dw = x[:, :, :, 1:] - x[:, :, :, :-1]
-    return dh.pow(2).mean() + dw.pow(2).mean()
+    """DeepInversion's L2 total-variation prior: the sum of the L2 norms of the pixel differences in 4
+    directions (right, down, both diagonals), over the whole batch (NVlabs/DeepInversion
+    `cifar10/deepinversion_cifar10.py` and `deepinversion.py` `get_image_prior_losses`)."""
+    diffs = (x[:, :, :, :-1] - x[:, :, :, 1:], x[:, :, :-1, :] - x[:, :, 1:, :],
+             x[:, :, 1:, :-1] - x[:, :, :-1, 1:], x[:, :, :-1, :-1] - x[:, :, 1:, 1:])
+    return sum(torch.linalg.vector_norm(d) for d in diffs)
+
+
+def abd_blur_kernel(size: int = 5, sigma: float = 1.0, dtype: torch.dtype = torch.float32) -> Tensor:
+    """ABD's 2-D smoothing kernel, `exp(-((x-μ)/(2σ))²)` normalised to sum 1 (GT-RIPL/AlwaysBeDreaming-DFCIL
+    `learners/datafree_helper.py` `Gaussiansmoothing`; also gqk/cl-lite's): note 2σ, not √2σ."""
+    coords = torch.arange(size, dtype=dtype) - (size - 1) / 2
+    kernel1d = torch.exp(-((coords / (2 * sigma)) ** 2))
+    kernel = kernel1d[:, None] * kernel1d[None, :]
+    return kernel / kernel.sum()
 
 
 def gaussian_blur(x: Tensor, size: int = 5, sigma: float = 1.0) -> Tensor:
-    """Depth-wise Gaussian blur with reflect padding (ABD's smoothness target)."""
-    coords = torch.arange(size, dtype=x.dtype, device=x.device) - (size - 1) / 2
-    kernel1d = torch.exp(-(coords**2) / (2 * sigma**2))
-    kernel1d = kernel1d / kernel1d.sum()
-    kernel = (kernel1d[:, None] * kernel1d[None, :]).expand(x.shape[1], 1, size, size)
+    """Depth-wise blur with ABD's kernel and reflect padding (ABD's smoothness target); inputs no larger
+    than the padding fall back to replicate padding."""
+    kernel = abd_blur_kernel(size, sigma, x.dtype).to(x.device).expand(x.shape[1], 1, size, size)
     pad = size // 2
     mode = "reflect" if min(x.shape[-2:]) > pad else "replicate"
     return F.conv2d(F.pad(x, (pad,) * 4, mode=mode), kernel, groups=x.shape[1])
@@ -122,7 +132,7 @@ def clamp_to(x: Tensor, low: Tensor, high: Tensor) -> Tensor:
 
 
 def cosine_lr(optimizer: torch.optim.Optimizer, base_lr: float, step: int, total: int) -> None:
-    """Set a cosine-annealed learning rate (DeepInversion's schedule) for this step."""
+    """Set a cosine-annealed learning rate (the schedule of DeepInversion's ImageNet script) for this step."""
     for group in optimizer.param_groups:
         group["lr"] = 0.5 * base_lr * (1 + math.cos(math.pi * step / total))
 

@@ -2,9 +2,15 @@
 teacher instead of optimising pixels.
 
 Generator loss: content (cross-entropy of teacher logits / 1000 to their own argmax) + diversity
-(1 − entropy of the batch-mean softmax / log K) + BN statistics (KL(running ‖ batch) summed over BN
-layers, ×50) + smoothness (MSE to a 5×5 σ=1 blur, ×1e-3). Published: 10k steps, batch 128, Adam 1e-3,
-latent 1000; the generator and its optimiser are kept across tasks.
+(1 − entropy of the batch-mean softmax / log K) + BN statistics (KL(running ‖ batch), channel mean,
+**averaged over BN layers**, ×50) + smoothness (MSE to ABD's 5×5 blur of reflect-padded images, ×1e-3).
+Published: 10k steps, batch 128, Adam 1e-3, latent 1000; the generator and its optimiser are kept
+across tasks (ABD; R-DFCIL trains a fresh one per task).
+
+Reference: GT-RIPL/AlwaysBeDreaming-DFCIL `learners/datafree_helper.py` (`Teacher.get_images`: each BN
+hook weighted `r_feature_weight / len(hooks)`, `Gaussiansmoothing`) and gqk/cl-lite
+`deep_inversion/generative_inversion.py` (`criterion_rf`: `.mean()` over hooks). `bn_reduction="sum"`
+(this project's earlier form, 33× the reference's weight on ResNet-32) is kept only to reproduce old runs.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cl_inversion.errors import ConfigError
 from cl_inversion.inversion.common import (
     BNStatistics,
     SynthesisError,
@@ -65,7 +72,11 @@ class GeneratorInversion:
     def __init__(self, steps: int = 10000, batch_size: int = 128, lr: float = 1e-3, z_dim: int = 1000,
                  content_temperature: float = 1000.0, content_weight: float = 1.0, diversity_weight: float = 1.0,
                  bn_weight: float = 50.0, smooth_weight: float = 1e-3, keep_across_tasks: bool = True,
-                 nan_retries: int = 0, progress: bool = True, log_every: int = 10) -> None:
+                 bn_reduction: str = "mean", nan_retries: int = 0, progress: bool = True,
+                 log_every: int = 10) -> None:
+        if bn_reduction not in ("mean", "sum"):
+            raise ConfigError(f"inversion.{self.name}.bn_reduction={bn_reduction!r}: choose mean (ABD, cl-lite) or sum")
+        self.bn_reduction = bn_reduction
         self.steps, self.batch_size, self.lr, self.z_dim = steps, batch_size, lr, z_dim
         self.content_temperature, self.content_weight = content_temperature, content_weight
         self.diversity_weight, self.bn_weight, self.smooth_weight = diversity_weight, bn_weight, smooth_weight
@@ -113,24 +124,28 @@ class GeneratorInversion:
                 self.stats.notes.append("teacher has no BatchNorm layer: BN-statistics term disabled")
             try:
                 for step in range(self.steps):
-                    images = generator.sample(self.batch_size)
-                    logits = teacher(images)[:, :n_classes]
-                    content = F.cross_entropy(logits / self.content_temperature, logits.argmax(1))
-                    mean_p = F.softmax(logits, dim=1).mean(0)
-                    diversity = 1.0 + (mean_p * torch.log(mean_p + 1e-12)).sum() / math.log(max(n_classes, 2))
-                    bn_term = bn.kl(reduction="sum") if len(bn) else torch.zeros((), device=images.device)
-                    smooth = F.mse_loss(images, gaussian_blur(images))
-                    loss = (self.content_weight * content + self.diversity_weight * diversity
-                            + self.bn_weight * bn_term + self.smooth_weight * smooth)
+                    terms = self.loss_terms(teacher, bn, generator.sample(self.batch_size), n_classes)
+                    loss = terms["loss"]
                     check_finite(loss, self.name, step)
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     self.optimizer.step()
                     self.stats.full_model_passes += 1
-                    progress.update({"loss": loss, "content": content, "diversity": diversity, "bn": bn_term,
-                                     "smooth": smooth})
+                    progress.update(terms)
             finally:
                 progress.close()
+
+    def loss_terms(self, teacher: nn.Module, bn: BNStatistics, images: Tensor, n_classes: int) -> dict[str, Tensor]:
+        """The generator loss on one batch of generated images (`bn` hooks the teacher), term by term."""
+        logits = teacher(images)[:, :n_classes]
+        content = F.cross_entropy(logits / self.content_temperature, logits.argmax(1))
+        mean_p = F.softmax(logits, dim=1).mean(0)
+        diversity = 1.0 + (mean_p * torch.log(mean_p + 1e-12)).sum() / math.log(max(n_classes, 2))
+        bn_term = bn.kl(reduction=self.bn_reduction) if len(bn) else torch.zeros((), device=images.device)
+        smooth = F.mse_loss(images, gaussian_blur(images))
+        loss = (self.content_weight * content + self.diversity_weight * diversity
+                + self.bn_weight * bn_term + self.smooth_weight * smooth)
+        return {"loss": loss, "content": content, "diversity": diversity, "bn": bn_term, "smooth": smooth}
 
     @torch.no_grad()
     def sample_balanced(self, teacher: nn.Module, classes: Sequence[int], n: int,

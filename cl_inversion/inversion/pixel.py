@@ -1,10 +1,16 @@
 """DeepInversion (Yin et al., CVPR 2020): optimise a batch of pixels against the frozen teacher.
 
-Loss per step on a jittered/flipped view of the batch: cross-entropy to class-balanced targets
-+ BatchNorm statistics (‖μ−μ_run‖ + ‖σ²−σ²_run‖ at every BN layer, first layer ×10) + L2 total
-variation + L2 norm of the image; Adam (β=(0.5, 0.9)) with a cosine learning-rate schedule, pixels
-clamped to the data range after every step. Defaults: the paper's CIFAR-10 settings (2k steps,
-batch 256, lr 0.05, BN weight 10, TV 2.5e-5).
+Loss per step on a jittered view of the batch: cross-entropy to class-balanced targets + BatchNorm
+statistics (‖μ−μ_run‖₂ + ‖σ²−σ²_run‖₂ summed over BN layers) + L2 total variation (sum of the L2 norms
+of the pixel differences in 4 directions) + the L2 norm of the batch; pixels clamped to the data range
+after every step.
+
+Defaults are NVlabs/DeepInversion `cifar10/deepinversion_cifar10.py` with its README's paper
+parameters: 2k steps, batch 256, Adam with default betas at a constant lr 0.05, BN weight 10, TV 2.5e-5,
+a random roll of ≤2 pixels, no flip, every BN layer weighted 1. The ImageNet script's form
+(`deepinversion.py`) is the named option `first_bn_multiplier=10 flip=true betas=[0.5,0.9]
+lr_schedule=cosine` (its cosine has a 100-step warm-up; ours has none). The clamp is ours (the CIFAR
+script does not clamp): it keeps replayed images in the range the student sees real data in.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cl_inversion.errors import ConfigError
 from cl_inversion.inversion.common import (
     BNStatistics,
     SynthesisError,
@@ -30,6 +37,8 @@ from cl_inversion.inversion.common import (
 )
 from cl_inversion.inversion.replay import BufferReplay
 
+LR_SCHEDULES = ("constant", "cosine")
+
 
 class PixelInversion:
     """Synthesis engine: `synthesize(teacher, classes, n) -> (images, labels)` by pixel optimisation."""
@@ -37,9 +46,13 @@ class PixelInversion:
     name = "pixel"
 
     def __init__(self, steps: int = 2000, batch_size: int = 256, lr: float = 0.05, ce_weight: float = 1.0,
-                 bn_weight: float = 10.0, first_bn_multiplier: float = 10.0, tv_weight: float = 2.5e-5,
-                 l2_weight: float = 0.0, jitter: int = 2, flip: bool = True, nan_retries: int = 0,
+                 bn_weight: float = 10.0, first_bn_multiplier: float = 1.0, tv_weight: float = 2.5e-5,
+                 l2_weight: float = 0.0, jitter: int = 2, flip: bool = False,
+                 betas: Sequence[float] = (0.9, 0.999), lr_schedule: str = "constant", nan_retries: int = 0,
                  progress: bool = True, log_every: int = 10) -> None:
+        if lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"inversion.pixel.lr_schedule={lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
+        self.betas, self.lr_schedule = tuple(float(b) for b in betas), lr_schedule
         self.steps, self.batch_size, self.lr = steps, batch_size, lr
         self.ce_weight, self.bn_weight, self.first_bn_multiplier = ce_weight, bn_weight, first_bn_multiplier
         self.tv_weight, self.l2_weight = tv_weight, l2_weight
@@ -83,20 +96,22 @@ class PixelInversion:
         device = targets.device
         low, high = (r.to(device) for r in self.pixel_range)
         x = torch.randn(len(targets), *self.image_shape, device=device).requires_grad_(True)
-        optimizer = torch.optim.Adam([x], lr=lr, betas=(0.5, 0.9), eps=1e-8)
+        optimizer = torch.optim.Adam([x], lr=lr, betas=self.betas, eps=1e-8)
         progress = SynthesisProgress(self.steps, f"DeepInversion batch {chunk}", self.stats, self.log_every,
                                      self.progress)
         if self.step_hook is not None:
             self.step_hook(x.detach(), -1)
         try:
             for step in range(self.steps):
-                cosine_lr(optimizer, lr, step, self.steps)
+                if self.lr_schedule == "cosine":
+                    cosine_lr(optimizer, lr, step, self.steps)
                 view = jitter_flip(x, self.jitter, self.flip)
                 ce = F.cross_entropy(teacher(view), targets)
                 bn_term = bn.norm_distance(self.first_bn_multiplier) if len(bn) else torch.zeros((), device=device)
                 tv = total_variation_l2(view)
-                l2 = view.pow(2).mean()
-                loss = self.ce_weight * ce + self.bn_weight * bn_term + self.tv_weight * tv + self.l2_weight * l2
+                loss = self.ce_weight * ce + self.bn_weight * bn_term + self.tv_weight * tv
+                if self.l2_weight:  # the CIFAR script's `torch.norm(inputs_jit, 2)`; off by default
+                    loss = loss + self.l2_weight * torch.linalg.vector_norm(view)
                 check_finite(loss, self.name, step)
                 pixel_step(optimizer, loss, x, low, high)
                 self.stats.full_model_passes += 1

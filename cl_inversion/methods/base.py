@@ -100,16 +100,19 @@ class ContinualModule(L.LightningModule):
         return previous
 
     # --- training ----------------------------------------------------------------------------------
-    def loss(self, x: Tensor, y: Tensor) -> Tensor | dict[str, Tensor]:
-        """The method's training loss on one batch; a dict must hold the total under "loss"."""
+    def loss(self, x: Tensor, y: Tensor) -> Tensor | dict[str, Tensor] | None:
+        """The method's training loss on one batch; a dict must hold the total under "loss"; None skips
+        the step."""
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         x, y = batch
         out = self.loss(x, y)
+        if out is None:  # the method trains nothing on this step (Lightning skips the optimiser step)
+            return None
         terms = out if isinstance(out, dict) else {"loss": out}
         self.log_dict({f"task_{self.task}/{k}": v.detach() for k, v in terms.items()},
                       on_step=False, on_epoch=True, prog_bar=False, batch_size=len(y), sync_dist=True)
@@ -161,8 +164,12 @@ def state_bytes(state: Any) -> int:
     return 0
 
 
-def distillation(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
-    """Knowledge distillation: soft cross-entropy at temperature T, scaled by T² (Hinton et al.)."""
+def distillation(student_logits: Tensor, teacher_logits: Tensor, temperature: float,
+                 t_squared: bool = False) -> Tensor:
+    """Knowledge distillation: soft cross-entropy at temperature T, summed over classes, averaged over
+    the batch; unnormalised as ABD's baselines (GT-RIPL/AlwaysBeDreaming-DFCIL `learners/default.py`
+    `loss_fn_kd`: its `* T**2` is commented out). `t_squared=True` is Hinton et al.'s T² scaling."""
     log_p = F.log_softmax(student_logits / temperature, dim=1)
     q = F.softmax(teacher_logits / temperature, dim=1)
-    return -(q * log_p).sum(dim=1).mean() * temperature**2
+    loss = -(q * log_p).sum(dim=1).mean()
+    return loss * temperature**2 if t_squared else loss

@@ -42,40 +42,97 @@ class SmallCNN(Backbone):
         self.feature_dim = 4 * width
 
 
-class BasicBlock(nn.Module):
-    """ResNet basic block with a 1×1 projection shortcut where the shape changes."""
+RESNET_VARIANTS = ("abd", "cl_lite", "projection")
 
-    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+
+class ZeroPadShortcut(nn.Module):
+    """Parameter-free identity shortcut where the shape changes (He et al.'s option A): subsample by 2,
+    then zero channels — split either side (ABD) or appended (cl-lite)."""
+
+    def __init__(self, extra_channels: int, split: bool) -> None:
+        super().__init__()
+        self.extra, self.split = extra_channels, split
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x[:, :, ::2, ::2]
+        before = self.extra // 2 if self.split else 0
+        return nn.functional.pad(x, (0, 0, 0, 0, before, self.extra - before))
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block. `variant`: "abd" — zero-padding identity shortcut, ReLU after the addition
+    (GT-RIPL/AlwaysBeDreaming-DFCIL `models/resnet.py`, option A); "cl_lite" — zero-padding shortcut,
+    no ReLU after the addition (gqk/cl-lite `backbone/resnet_cifar.py` `ResidualBlock`, last_relu=False);
+    "projection" — 1×1-conv + BN shortcut, ReLU after the addition (this project's earlier form)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, variant: str = "abd") -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
+        self.relu_after_add = variant != "cl_lite"
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if variant == "projection":
+                self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            else:
+                self.shortcut = ZeroPadShortcut(cout - cin, split=variant == "abd")
 
     def forward(self, x: Tensor) -> Tensor:
         out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+        out = self.bn2(self.conv2(out)) + self.shortcut(x)
+        return torch.relu(out) if self.relu_after_add else out
 
 
 class CifarResNet(Backbone):
-    """ResNet-(6n+2) for 32×32 inputs (He et al. 2016); depth 32 is the ABD / R-DFCIL backbone (64-d)."""
+    """ResNet-(6n+2) for 32×32 inputs (He et al. 2016); depth 32 is the ABD / R-DFCIL backbone (64-d).
 
-    def __init__(self, depth: int = 32, in_channels: int = 3, width: int = 16) -> None:
+    `variant` picks the reference (see `BasicBlock`), its initialisation and its head:
+      abd        — Kaiming-normal (fan-in) convolutions and head weights, head with bias (31 BN layers);
+      cl_lite    — Kaiming-normal (fan-out) convolutions, BN weights 1 with the last BN of every block
+                   zero-initialised, bias-free head initialised N(0, 0.001) (cl-lite `resnet_cifar.py`,
+                   `nn/init.py` `weights_init_classifier`, R-DFCIL `module.py` `bias=False`; 31 BN layers);
+      projection — 1×1-conv shortcuts, PyTorch's default init, head with bias (33 BN layers).
+    """
+
+    def __init__(self, depth: int = 32, in_channels: int = 3, width: int = 16, variant: str = "abd") -> None:
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"backbone.depth={depth} must be 6n+2 (20, 32, 44, 56, 110)")
+        if variant not in RESNET_VARIANTS:
+            raise ValueError(f"backbone.variant={variant!r}: choose one of {', '.join(RESNET_VARIANTS)}")
         n = (depth - 2) // 6
+        self.variant = variant
         self.stem = conv_bn(in_channels, width)
         stages, cin = [], width
         for i, cout in enumerate((width, 2 * width, 4 * width)):
-            blocks = [BasicBlock(cin if j == 0 else cout, cout, 2 if (i > 0 and j == 0) else 1) for j in range(n)]
+            blocks = [BasicBlock(cin if j == 0 else cout, cout, 2 if (i > 0 and j == 0) else 1, variant)
+                      for j in range(n)]
             stages.append(nn.Sequential(*blocks))
             cin = cout
         self.stages = nn.ModuleList(stages)
         self.feature_dim = 4 * width
+        self.head_bias = variant != "cl_lite"
+        self.head_init = {"abd": "kaiming_normal", "cl_lite": "normal_0.001"}.get(variant)
+        self._initialise()
+
+    def _initialise(self) -> None:
+        if self.variant == "projection":
+            return
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                if self.variant == "abd":
+                    nn.init.kaiming_normal_(m.weight)
+                else:
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d) and self.variant == "cl_lite":
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if self.variant == "cl_lite":
+            for m in self.modules():
+                if isinstance(m, BasicBlock):
+                    nn.init.zeros_(m.bn2.weight)
 
 
 class ResNet18(Backbone):

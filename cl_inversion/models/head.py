@@ -21,10 +21,13 @@ class IncrementalLinear(nn.Module):
     `sizes` so resume can rebuild the same slices before `load_state_dict`.
     """
 
-    def __init__(self, in_features: int, logit_scale: float | None = None) -> None:
+    def __init__(self, in_features: int, logit_scale: float | None = None, bias: bool = True,
+                 init: str | None = None) -> None:
         super().__init__()
         self.in_features = in_features
         self.logit_scale = logit_scale
+        self.use_bias = bias and logit_scale is None
+        self.init = init  # None: PyTorch's default; "kaiming_normal" (ABD); "normal_<std>" (cl-lite: 0.001)
         self.slices = nn.ModuleList()
 
     @property
@@ -41,7 +44,13 @@ class IncrementalLinear(nn.Module):
 
     def grow(self, n_new: int, weight: Tensor | None = None) -> nn.Linear:
         """Add `n_new` outputs; `weight` ([n_new, in_features], e.g. text embeddings) initialises them."""
-        layer = nn.Linear(self.in_features, n_new, bias=not self.cosine)
+        layer = nn.Linear(self.in_features, n_new, bias=self.use_bias)
+        if self.init == "kaiming_normal":
+            nn.init.kaiming_normal_(layer.weight)
+        elif self.init is not None and self.init.startswith("normal_"):
+            nn.init.normal_(layer.weight, std=float(self.init.removeprefix("normal_")))
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
         if len(self.slices):
             layer.to(self.slices[0].weight.device)
         if weight is not None:
@@ -56,7 +65,7 @@ class IncrementalLinear(nn.Module):
 
     @property
     def bias(self) -> Tensor | None:
-        return None if self.cosine else torch.cat([s.bias for s in self.slices])
+        return torch.cat([s.bias for s in self.slices]) if self.use_bias else None
 
     def forward(self, features: Tensor) -> Tensor:
         if not len(self.slices):
@@ -74,7 +83,9 @@ class IncrementalClassifier(nn.Module):
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone
-        self.head = IncrementalLinear(backbone.feature_dim, getattr(backbone, "head_logit_scale", None))
+        self.head = IncrementalLinear(backbone.feature_dim, getattr(backbone, "head_logit_scale", None),
+                                      bias=getattr(backbone, "head_bias", True),
+                                      init=getattr(backbone, "head_init", None))
 
     @property
     def num_classes(self) -> int:
