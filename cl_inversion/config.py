@@ -17,6 +17,7 @@ class ScenarioConfig:
     first_task_classes: int | None = None
     class_order_seed: int | None = None  # null: use `seed`
     class_order: list[int] | None = None  # explicit order, overrides the seeded permutation
+    shuffle_classes: bool = True  # false: the dataset's natural class order (VDFD's scripts: no --rand_split)
     holdout_classes: Any = 0  # count (last of the class order) or list of class ids no task trains
 
 

@@ -68,28 +68,30 @@ def test_l2_penalty_is_squared_distance_to_previous_weights(scenario):
     two_tasks(m, scenario)
     assert m.penalty().item() == 0.0
     with torch.no_grad():
-        for p in m.net.backbone.parameters():
+        for p in m.net.parameters():
             p.add_(0.01)
-    n = sum(p.numel() for p in m.net.backbone.parameters())
+    anchored = m.slots[0]["anchor"]  # every parameter that existed at the task's end: backbone and head
+    assert any(n.startswith("head.") for n in anchored) and "head.slices.1.weight" not in anchored
+    n = sum(t.numel() for t in anchored.values())
     assert m.penalty().item() == pytest.approx(n * 1e-4, rel=1e-3)
     x, y = batch()
     terms = m.loss(x, y)
     assert torch.allclose(terms["loss"], terms["ce"] + 0.5 * terms["reg"])
 
 
-def test_ewc_fisher_is_nonnegative_accumulates_and_weights_the_penalty(scenario):
-    m = make(EWC, reg_coef=10.0, fisher_samples=32)
+def test_ewc_fisher_is_nonnegative_one_slot_per_task_and_weights_the_penalty(scenario):
+    m = make(EWC, reg_coef=10.0)
     two_tasks(m, scenario)
-    first = {n: f.clone() for n, f in m.importance.items()}
+    first = {n: f.clone() for n, f in m.slots[0]["importance"].items()}
     assert all((f >= 0).all() for f in first.values())
     assert sum(f.sum() for f in first.values()) > 0
     with torch.no_grad():
-        for p in m.net.backbone.parameters():
+        for p in m.net.parameters():
             p.add_(0.01)
-    expected = sum((first[n] * 1e-4).sum() for n, _ in m.net.backbone.named_parameters())
+    expected = sum((f * 1e-4).sum() for f in first.values())
     assert m.penalty().item() == pytest.approx(expected.item(), rel=1e-3)
-    m.end_task(scenario.datamodule(1, 16))  # second task: Fisher sums over tasks
-    assert all((m.importance[n] >= first[n]).all() for n in first)
+    m.end_task(scenario.datamodule(1, 16))  # second task: a second anchor and Fisher
+    assert len(m.slots) == 2 and all(torch.equal(m.slots[0]["importance"][n], first[n]) for n in first)
 
 
 def test_training_step_runs_inside_a_real_trainer(scenario):

@@ -74,6 +74,13 @@ def test_paper_preset_has_its_split_recipe_and_published_figure(compose, name):
         assert cfg.inversion.rdfcil_generator.steps == 5000
     if method == "deepinversion":  # ABD's DeepInversion row: DeepInversionGenBN, ABD's generator
         assert cfg.method.inversion == "generator" and cfg.inversion.generator.steps == 10000
+    if method == "vdfd":  # XiaorongLi-95/VDFD scripts/vdfd.sh
+        assert cfg.dataset.batch_size == 16 and cfg.trainer.max_epochs == 100 and list(cfg.scheduler.milestones) == [50]
+        assert cfg.scheduler.gamma == 0.5 and cfg.scenario.shuffle_classes is False
+        assert cfg.method.optimizer_class == "torch.optim.Adam" and cfg.method.reg_coef == 50.0
+        assert (cfg.method.backbone_lr, cfg.method.head_lr, cfg.method.gcn_lr) == (1e-4, 1e-3, 1e-4)
+        assert cfg.method.head_bias is False and cfg.method.regularise_head is False
+        assert published.final_accuracy == 31.09 and "XiaorongLi-95/VDFD" in published.source
     smoke = compose([f"experiment={name}", "+smoke=digits"])
     assert smoke.dataset._target_ == "cl_inversion.data.digits" and smoke.trainer.max_epochs == 1
     assert smoke.method == cfg.method and smoke.backbone._target_ == cfg.backbone._target_

@@ -65,3 +65,19 @@ def test_first_task_larger(bundle):
 def test_bad_splits_name_the_field(n_tasks, first, match):
     with pytest.raises(ConfigError, match=match):
         task_sizes(10, n_tasks, first)
+
+
+def test_shuffle_classes_false_keeps_the_natural_order_for_any_seed(compose, bundle):
+    from cl_inversion.run import build_scenario
+
+    for seed in (0, 3):
+        natural = build_scenario(compose([f"seed={seed}", "scenario.shuffle_classes=false"]), bundle)
+        assert natural.class_order == list(range(10))
+    assert build_scenario(compose(["seed=3"]), bundle).class_order == class_order_for(10, 3) != list(range(10))
+
+
+def test_digits_color_jitter_changes_training_images_only():
+    plain, jittered = digits(), digits(color_jitter=True)
+    torch.manual_seed(0)
+    assert not torch.equal(jittered.train[0][0], plain.train[0][0])
+    assert torch.equal(jittered.test[0][0], plain.test[0][0])

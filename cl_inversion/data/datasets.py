@@ -64,11 +64,7 @@ def crop_flip(padding: int = 4, color_jitter: bool = False) -> Callable[[Tensor]
     """Random crop with zero padding + horizontal flip: the CIFAR augmentation of R-DFCIL (`datamodule.py`);
     `color_jitter` puts ABD's `ColorJitter(brightness=63/255, contrast=0.8)` first (ABD
     `dataloaders/utils.py` `get_transform`)."""
-    jitter = None
-    if color_jitter:
-        from torchvision.transforms import ColorJitter
-
-        jitter = ColorJitter(brightness=63 / 255, contrast=0.8)
+    jitter = abd_color_jitter() if color_jitter else None
 
     def augment(image: Tensor) -> Tensor:
         if jitter is not None and image.shape[0] == 3:
@@ -110,8 +106,16 @@ class DatasetBundle:
         return (0 - mean) / std, (1 - mean) / std
 
 
-def digits(test_fraction: float = 0.25, split_seed: int = 0) -> DatasetBundle:
-    """scikit-learn's bundled 8x8 digits (1797 images, no download), stratified train/test split."""
+def abd_color_jitter() -> Callable[[Tensor], Tensor]:
+    """ABD's `ColorJitter(brightness=63/255, contrast=0.8)` (`dataloaders/utils.py` `get_transform`) alone."""
+    from torchvision.transforms import ColorJitter
+
+    return ColorJitter(brightness=63 / 255, contrast=0.8)
+
+
+def digits(test_fraction: float = 0.25, split_seed: int = 0, color_jitter: bool = False) -> DatasetBundle:
+    """scikit-learn's bundled 8x8 digits (1797 images, no download), stratified train/test split.
+    `color_jitter` adds ABD's brightness/contrast jitter to the training images (no crop or flip at 8x8)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -124,7 +128,8 @@ def digits(test_fraction: float = 0.25, split_seed: int = 0) -> DatasetBundle:
     mean, std = (float(images[train_idx].mean()),), (float(images[train_idx].std()),)
     return DatasetBundle(
         name="digits",
-        train=TensorImageDataset(images[train_idx], targets[train_idx], mean, std),
+        train=TensorImageDataset(images[train_idx], targets[train_idx], mean, std,
+                                 abd_color_jitter() if color_jitter else None),
         test=TensorImageDataset(images[test_idx], targets[test_idx], mean, std),
         class_names=list(DIGIT_NAMES),
         mean=mean,
