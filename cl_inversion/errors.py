@@ -26,3 +26,7 @@ def user_error(err: BaseException) -> UserError | None:
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None
+
+
+class TrainingDiverged(UserError, RuntimeError):
+    """The training loss became NaN or infinite; the message names task, epoch and step."""

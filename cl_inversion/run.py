@@ -18,13 +18,14 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from cl_inversion import logging_utils
 from cl_inversion.data.datasets import DatasetBundle
 from cl_inversion.data.scenario import ClassIncrementalScenario
-from cl_inversion.errors import ConfigError
+from cl_inversion.errors import ConfigError, TrainingDiverged
 from cl_inversion.inversion.callback import ContinualCallback, TaskContext
 from cl_inversion.io import CHECKPOINT_FORMAT, save_checkpoint, write_json
 from cl_inversion.methods.base import ContinualModule, state_bytes
@@ -68,6 +69,8 @@ def build_dataset(cfg: DictConfig) -> DatasetBundle:
 def build_scenario(cfg: DictConfig, bundle: DatasetBundle) -> ClassIncrementalScenario:
     sc = cfg.scenario
     seed = cfg.seed if sc.class_order_seed is None else sc.class_order_seed
+    if not sc.get("shuffle_classes", True):
+        seed = None  # class_order_for: no shuffle
     return ClassIncrementalScenario(bundle, sc.n_tasks, sc.first_task_classes, seed, sc.class_order,
                                     sc.get("holdout_classes") or 0)
 
@@ -86,6 +89,10 @@ def build_inversion(cfg: DictConfig, method: ContinualModule) -> list[L.Callback
     engines = {k: v for k, v in cfg.inversion.items() if isinstance(v, DictConfig) and "_target_" in v}
     if name not in engines:
         raise ConfigError(f"method.inversion={name!r} is not a synthesis engine; choose one of {sorted(engines)}")
+    n_images = cfg.inversion.n_images
+    if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 1:
+        raise ConfigError(f"inversion.n_images={n_images!r} must be an integer >= 1 (synthetic images made "
+                          f"at each task boundary for method.inversion={name})")
     from cl_inversion.inversion import InversionCallback
 
     return [InversionCallback(instantiate(engines[name]), n_images=cfg.inversion.n_images, grid=cfg.inversion.grid)]
@@ -106,6 +113,46 @@ def build_callbacks(cfg: DictConfig, method: ContinualModule) -> list[Any]:
             raise ConfigError(f"callbacks.{name} builds a {type(callback).__name__}, not a lightning Callback")
         callbacks.append(callback)
     return callbacks
+
+
+class FiniteLossGuard(L.Callback):
+    """Stops the run at the first NaN or infinite training loss, naming task, epoch and step (a diverged
+    run would otherwise train on and end `completed` with chance accuracy)."""
+
+    def __init__(self, task: int, n_tasks: int) -> None:
+        self.task, self.n_tasks = task, n_tasks
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss.detach()).all()):
+            raise TrainingDiverged(
+                f"training loss is {loss.detach().float().sum().item()} at task {self.task + 1}/{self.n_tasks}, "
+                f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}, step {batch_idx} of the epoch "
+                f"(global step {trainer.global_step}); lower optimizer.lr or check the data and the method's "
+                "loss weights")
+
+
+def check_budget(cfg: DictConfig) -> None:
+    """Values Lightning accepts but that make no experiment: -1 epochs trains forever, 0 trains nothing."""
+    max_epochs = cfg.trainer.get("max_epochs")
+    if max_epochs is not None and (isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1):
+        raise ConfigError(f"trainer.max_epochs={max_epochs!r} must be an integer >= 1 (epochs per task; Lightning "
+                          "reads -1 as 'train forever' and 0 trains nothing)")
+
+
+def check_scenario(scenario: ClassIncrementalScenario, bundle: DatasetBundle) -> None:
+    """A sequence that cannot measure continual learning: one class is refused, one task is warned about."""
+    trained = sum(len(task.classes) for task in scenario.tasks)
+    if trained < 2:
+        held = len(scenario.holdout_classes)
+        raise ConfigError(f"only {trained} class is trained (dataset {bundle.name!r} has {trained + held} classes, "
+                          f"{held} held out by scenario.holdout_classes): accuracy would be a trivial 100%; "
+                          "train at least 2 classes")
+    if len(scenario) == 1:
+        log.warning("warning: scenario.n_tasks=1: a single task is plain supervised training; nothing is "
+                    "learnt incrementally, so forgetting, backward transfer and old-class accuracy say nothing "
+                    "and the method's continual-learning losses never run")
 
 
 def task_seed(seed: int, task: int) -> int:
@@ -159,12 +206,14 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
 def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     choices = hydra_choices()
     validate_config(cfg, {"dataset": {k: int for k in LOADER_KEYS}})
+    check_budget(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
     resume_from = find_resume_checkpoint(run_dir, cfg.resume)
 
     L.seed_everything(cfg.seed, verbose=False)
     bundle = build_dataset(cfg)
     scenario = build_scenario(cfg, bundle)
+    check_scenario(scenario, bundle)
     method = build_method(cfg)
     callbacks = build_callbacks(cfg, method)
 
@@ -209,7 +258,8 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             if t > start:  # Lightning's per-Trainer device banner, once per run is enough
                 logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
             trainer: L.Trainer = instantiate(cfg.trainer, logger=logger, default_root_dir=str(run_dir),
-                                             callbacks=callbacks, **cluster_plugins(cfg))
+                                             callbacks=[*callbacks, FiniteLossGuard(t, len(scenario))],
+                                             **cluster_plugins(cfg))
             if t == 0:  # zero-shot retention baseline (CLIP backbones only; no-op otherwise)
                 record_zero_shot(results, method.net.backbone, scenario, batch_size, trainer.strategy.root_device)
             began = time.perf_counter()

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import REPO, cli_env, run_cli
+from conftest import REPO, cli_env, read_results, run_cli
 
 BASE = ["method=finetune", "dataset=digits", "scenario.n_tasks=2", "trainer.max_epochs=1",
         "trainer.enable_progress_bar=false", "logger=none"]
@@ -22,6 +22,14 @@ CASES: dict[str, tuple[list[str], list[str], str]] = {
                                         ["scenario.first_task_classes=5", "scenario.n_tasks=3"], "cl"),
     "unknown_method": (["method=lfw"], ["method/lfw", "Available options", "lwf", "ewc"], "hydra"),
     "unknown_dataset": (["dataset=cifar1O"], ["dataset/cifar1O", "Available options", "cifar10"], "hydra"),
+    "unknown_experiment": (["experiment=abd_cifar100_10"],
+                           ["experiment/abd_cifar100_10", "Available options", "abd_cifar100_10t"], "hydra"),
+    "max_epochs_infinite": (["trainer.max_epochs=-1"], ["trainer.max_epochs=-1", ">= 1"], "cl"),
+    "max_epochs_zero": (["trainer.max_epochs=0"], ["trainer.max_epochs=0", ">= 1"], "cl"),
+    "n_images_zero": (["method=deepinversion", "inversion.n_images=0"], ["inversion.n_images=0", ">= 1"], "cl"),
+    "n_images_negative": (["method=abd", "inversion.n_images=-5"], ["inversion.n_images=-5", ">= 1"], "cl"),
+    "one_class_trained": (["scenario.n_tasks=1", "scenario.holdout_classes=9"],
+                          ["only 1 class is trained", "trivial"], "cl"),
     "unknown_backbone": (["backbone=resnet"], ["backbone/resnet", "Available options", "resnet32"], "hydra"),
     "cifar10_root_missing": (["dataset=cifar10", "dataset.root=/nonexistent"],
                              ["dataset.root='/nonexistent' does not exist", "dataset.download=true"], "cl"),
@@ -86,3 +94,20 @@ def test_bad_input_fails_clearly_and_leaves_the_run_intact(outcomes, name):
     for text in expected:
         assert text in message, f"{text!r} not in {message!r}"
     assert after == before  # results.json and checkpoints byte-identical
+
+
+def test_non_finite_training_loss_stops_the_run_naming_task_epoch_and_step(tmp_path):
+    proc = run_cli(*BASE, "optimizer.lr=nan", run_dir=tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("cl-inversion: error:")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert "training loss is nan" in lines[0] and "task 1/2" in lines[0] and "epoch 1/1" in lines[0], lines
+    assert "step" in lines[0]
+    res = read_results(tmp_path)
+    assert res["status"] == "failed" and "TrainingDiverged" in res["error"] and res["tasks_completed"] == 0
+
+
+def test_single_task_sequence_is_warned_about(tmp_path):
+    proc = run_cli(*BASE, "scenario.n_tasks=1", run_dir=tmp_path)
+    assert "warning: scenario.n_tasks=1" in proc.stdout + proc.stderr
+    assert read_results(tmp_path)["status"] == "completed"
