@@ -118,7 +118,7 @@ def test_nan_loss_stops_synthesis_naming_engine_and_step():
         teacher.head.slices[0].weight.fill_(float("nan"))
     engine = PixelInversion(steps=5, batch_size=8, progress=False)
     engine.setup((1, 8, 8), PIXEL_RANGE)
-    with pytest.raises(SynthesisError, match="pixel synthesis: loss is nan at step 0"):
+    with pytest.raises(SynthesisError, match="pixel synthesis: non-finite loss between steps 0 and 4"):
         engine.synthesize(teacher, [0, 1], 8)
     generator = GeneratorInversion(steps=5, batch_size=8, z_dim=16, progress=False, nan_retries=1)
     generator.setup((1, 8, 8), PIXEL_RANGE)

@@ -24,13 +24,15 @@ from torch import Tensor, nn
 
 from cl_inversion.errors import ConfigError
 from cl_inversion.inversion.common import (
+    PRECISIONS,
     BNStatistics,
     SynthesisError,
     SynthesisProgress,
     SynthesisStats,
-    check_finite,
+    autocast,
     frozen_eval,
     gaussian_blur,
+    memory_format,
 )
 from cl_inversion.inversion.replay import GeneratorReplay
 
@@ -72,8 +74,11 @@ class GeneratorInversion:
     def __init__(self, steps: int = 10000, batch_size: int = 128, lr: float = 1e-3, z_dim: int = 1000,
                  content_temperature: float = 1000.0, content_weight: float = 1.0, diversity_weight: float = 1.0,
                  bn_weight: float = 50.0, smooth_weight: float = 1e-3, keep_across_tasks: bool = True,
-                 bn_reduction: str = "mean", nan_retries: int = 0, progress: bool = True,
-                 log_every: int = 10) -> None:
+                 bn_reduction: str = "mean", precision: str = "32", channels_last: bool = False,
+                 nan_retries: int = 0, progress: bool = True, log_every: int = 10) -> None:
+        if str(precision) not in PRECISIONS:
+            raise ConfigError(f"inversion.{self.name}.precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
+        self.precision, self.channels_last = str(precision), channels_last
         if bn_reduction not in ("mean", "sum"):
             raise ConfigError(f"inversion.{self.name}.bn_reduction={bn_reduction!r}: choose mean (ABD, cl-lite) or sum")
         self.bn_reduction = bn_reduction
@@ -116,22 +121,27 @@ class GeneratorInversion:
 
     def _train(self, teacher: nn.Module, n_classes: int) -> None:
         generator = self.generator
+        device = next(teacher.parameters()).device
         generator.train()
         generator.requires_grad_(True)  # the previous task's replay froze it while the student trained
-        progress = SynthesisProgress(self.steps, "ABD generator", self.stats, self.log_every, self.progress)
-        with frozen_eval(teacher), BNStatistics(teacher) as bn:
+        progress = SynthesisProgress(self.steps, "ABD generator", self.stats, self.log_every, self.progress,
+                                     engine=self.name, hint=f"lower inversion.{self.name}.lr or set nan_retries")
+        with frozen_eval(teacher), BNStatistics(teacher) as bn, memory_format(teacher, self.channels_last):
             if not len(bn):
                 self.stats.notes.append("teacher has no BatchNorm layer: BN-statistics term disabled")
             try:
-                for step in range(self.steps):
-                    terms = self.loss_terms(teacher, bn, generator.sample(self.batch_size), n_classes)
+                for _ in range(self.steps):
+                    with autocast(self.precision, device):
+                        images = generator.sample(self.batch_size)
+                        if self.channels_last:
+                            images = images.contiguous(memory_format=torch.channels_last)
+                        terms = self.loss_terms(teacher, bn, images, n_classes)
                     loss = terms["loss"]
-                    check_finite(loss, self.name, step)
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     self.optimizer.step()
                     self.stats.full_model_passes += 1
-                    progress.update(terms)
+                    progress.update(terms, loss)
             finally:
                 progress.close()
 
@@ -142,7 +152,7 @@ class GeneratorInversion:
         mean_p = F.softmax(logits, dim=1).mean(0)
         diversity = 1.0 + (mean_p * torch.log(mean_p + 1e-12)).sum() / math.log(max(n_classes, 2))
         bn_term = bn.kl(reduction=self.bn_reduction) if len(bn) else torch.zeros((), device=images.device)
-        smooth = F.mse_loss(images, gaussian_blur(images))
+        smooth = F.mse_loss(images, gaussian_blur(images)) if self.smooth_weight else torch.zeros_like(content)
         loss = (self.content_weight * content + self.diversity_weight * diversity
                 + self.bn_weight * bn_term + self.smooth_weight * smooth)
         return {"loss": loss, "content": content, "diversity": diversity, "bn": bn_term, "smooth": smooth}

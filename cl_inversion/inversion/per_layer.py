@@ -22,11 +22,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cl_inversion.errors import ConfigError
 from cl_inversion.inversion.common import (
+    PRECISIONS,
     BNStatistics,
     SynthesisProgress,
     SynthesisStats,
+    autocast,
     balanced_labels,
-    check_finite,
     clamp_to,
     cosine_lr,
     frozen_eval,
@@ -72,6 +73,9 @@ def block_costs(blocks: Sequence[nn.Module], x: Tensor) -> tuple[list[float], li
     return [f / total for f in flops], shapes
 
 
+HINT = "lower inversion.per_layer.lr / layer_lr"
+
+
 class PerLayerInversion:
     """Synthesis engine: per-layer inversion initialising a short full-model inversion."""
 
@@ -82,8 +86,11 @@ class PerLayerInversion:
                  layer_bn_weight: float = 1.0, prior_weight: float = 1.0, tv_weight: float = 2.5e-5, jitter: int = 2,
                  flip: bool = True,
                  covariance: str = "diagonal", oversample: int = 2, bn_loss: str = "kl",
-                 first_bn_multiplier: float = 10.0, progress: bool = True,
+                 first_bn_multiplier: float = 10.0, precision: str = "32", progress: bool = True,
                  log_every: int = 10) -> None:
+        if str(precision) not in PRECISIONS:
+            raise ConfigError(f"inversion.per_layer.precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
+        self.precision = str(precision)
         self.layer_steps, self.full_steps, self.batch_size = layer_steps, full_steps, batch_size
         self.layer_lr, self.lr = layer_lr, lr
         self.feature_weight, self.ce_weight, self.bn_weight = feature_weight, ce_weight, bn_weight
@@ -152,12 +159,17 @@ class PerLayerInversion:
         if self.layer_steps == 0:
             return clamp_to(torch.randn(len(target_features), *self.image_shape, device=target_features.device),
                             low, high)
-        probe = torch.zeros(len(target_features), *self.image_shape, device=target_features.device)
-        shares, shapes = block_costs(blocks, probe)
+        costs = getattr(self, "_block_costs", {})  # one FLOP probe per teacher and batch size, not per batch
+        key = (id(teacher), len(target_features))
+        if key not in costs:
+            probe = torch.zeros(len(target_features), *self.image_shape, device=target_features.device)
+            costs = {key: block_costs(blocks, probe)}  # a new teacher drops the old entries
+            self._block_costs = costs
+        shares, shapes = costs[key]
         relu_inputs = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in teacher.modules())
         target = target_features
         progress = SynthesisProgress(self.layer_steps * len(blocks), "PMI per-layer", self.stats, self.log_every,
-                                     self.progress)
+                                     self.progress, engine=self.name, hint=HINT)
         try:
             for k in reversed(range(len(blocks))):
                 block, is_image = blocks[k], k == 0
@@ -173,7 +185,7 @@ class PerLayerInversion:
                 optimizer = torch.optim.Adam([u], lr=self.layer_lr)
                 first = None
                 with BNStatistics(block) as bn:
-                    for step in range(self.layer_steps):
+                    for _ in range(self.layer_steps):
                         x = u if is_image or not relu_inputs else F.relu(u)
                         out = block(x)
                         rec = relative_mse(pooled(out) if k == len(blocks) - 1 else out, target)
@@ -184,17 +196,16 @@ class PerLayerInversion:
                                 prior.bias, prior.weight.pow(2), u.mean(dims), u.var(dims, unbiased=False)).mean()
                         if is_image:
                             loss = loss + self.tv_weight * total_variation_l2(u)
-                        check_finite(loss, self.name, step)
                         optimizer.zero_grad(set_to_none=True)
                         loss.backward()
                         optimizer.step()
                         if is_image:
                             with torch.no_grad():
                                 u.copy_(clamp_to(u, low, high))
-                        first = float(rec.detach()) if first is None else first
+                        first = rec.detach() if first is None else first
                         self.stats.full_model_passes += shares[k]
-                        progress.update({"block": k, "rec": rec})
-                self.block_losses.insert(0, (first, float(rec.detach())))
+                        progress.update({"block": k, "rec": rec}, loss)
+                self.block_losses.insert(0, (float(first), float(rec.detach())))
                 target = (u if is_image or not relu_inputs else F.relu(u)).detach()
         finally:
             progress.close()
@@ -205,7 +216,8 @@ class PerLayerInversion:
         low, high = (r.to(image.device) for r in self.pixel_range)
         x = image.clone().requires_grad_(True)
         optimizer = torch.optim.Adam([x], lr=self.lr, betas=(0.5, 0.9))
-        progress = SynthesisProgress(self.full_steps, "PMI full-model", self.stats, self.log_every, self.progress)
+        progress = SynthesisProgress(self.full_steps, "PMI full-model", self.stats, self.log_every, self.progress,
+                                     engine=self.name, hint=HINT)
         if self.step_hook is not None:
             self.step_hook(x.detach(), -1)
         try:
@@ -213,8 +225,10 @@ class PerLayerInversion:
                 for step in range(self.full_steps):
                     cosine_lr(optimizer, self.lr, step, self.full_steps)
                     view = jitter_flip(x, self.jitter, self.flip)
-                    features = teacher.features(view)
-                    logits = teacher.head(features)
+                    with autocast(self.precision, x.device):
+                        features = teacher.features(view)
+                        logits = teacher.head(features)
+                    features, logits = features.float(), logits.float()
                     feat = F.mse_loss(features, target_features)
                     ce = F.cross_entropy(logits, labels)
                     if not len(bn):
@@ -223,12 +237,12 @@ class PerLayerInversion:
                         bn_term = bn.norm_distance(self.first_bn_multiplier)
                     else:
                         bn_term = bn.kl()
-                    loss = (self.feature_weight * feat + self.ce_weight * ce + self.bn_weight * bn_term
-                            + self.tv_weight * total_variation_l2(view))
-                    check_finite(loss, self.name, step)
+                    loss = self.feature_weight * feat + self.ce_weight * ce + self.bn_weight * bn_term
+                    if self.tv_weight:
+                        loss = loss + self.tv_weight * total_variation_l2(view)
                     pixel_step(optimizer, loss, x, low, high)
                     self.stats.full_model_passes += 1
-                    progress.update({"feature": feat, "ce": ce, "bn": bn_term})
+                    progress.update({"feature": feat, "ce": ce, "bn": bn_term}, loss)
                     if self.step_hook is not None:
                         self.step_hook(x.detach(), step)
         finally:

@@ -23,15 +23,17 @@ from torch import Tensor, nn
 
 from cl_inversion.errors import ConfigError
 from cl_inversion.inversion.common import (
+    PRECISIONS,
     BNStatistics,
     SynthesisError,
     SynthesisProgress,
     SynthesisStats,
+    autocast,
     balanced_labels,
-    check_finite,
     cosine_lr,
     frozen_eval,
     jitter_flip,
+    memory_format,
     pixel_step,
     total_variation_l2,
 )
@@ -48,8 +50,12 @@ class PixelInversion:
     def __init__(self, steps: int = 2000, batch_size: int = 256, lr: float = 0.05, ce_weight: float = 1.0,
                  bn_weight: float = 10.0, first_bn_multiplier: float = 1.0, tv_weight: float = 2.5e-5,
                  l2_weight: float = 0.0, jitter: int = 2, flip: bool = False,
-                 betas: Sequence[float] = (0.9, 0.999), lr_schedule: str = "constant", nan_retries: int = 0,
-                 progress: bool = True, log_every: int = 10) -> None:
+                 betas: Sequence[float] = (0.9, 0.999), lr_schedule: str = "constant", precision: str = "32",
+                 channels_last: bool = False, nan_retries: int = 0, progress: bool = True,
+                 log_every: int = 10) -> None:
+        if str(precision) not in PRECISIONS:
+            raise ConfigError(f"inversion.pixel.precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
+        self.precision, self.channels_last = str(precision), channels_last
         if lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"inversion.pixel.lr_schedule={lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
         self.betas, self.lr_schedule = tuple(float(b) for b in betas), lr_schedule
@@ -72,7 +78,7 @@ class PixelInversion:
         labels = balanced_labels(classes, n)
         device = next(teacher.parameters()).device
         chunks = []
-        with frozen_eval(teacher), BNStatistics(teacher) as bn:
+        with frozen_eval(teacher), BNStatistics(teacher) as bn, memory_format(teacher, self.channels_last):
             if not len(bn):
                 self.stats.notes.append("teacher has no BatchNorm layer: BN-statistics term disabled")
             for start in range(0, n, self.batch_size):
@@ -95,10 +101,14 @@ class PixelInversion:
     def _run(self, teacher: nn.Module, bn: BNStatistics, targets: Tensor, lr: float, chunk: int) -> Tensor:
         device = targets.device
         low, high = (r.to(device) for r in self.pixel_range)
-        x = torch.randn(len(targets), *self.image_shape, device=device).requires_grad_(True)
+        x = torch.randn(len(targets), *self.image_shape, device=device)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_(True)
         optimizer = torch.optim.Adam([x], lr=lr, betas=self.betas, eps=1e-8)
         progress = SynthesisProgress(self.steps, f"DeepInversion batch {chunk}", self.stats, self.log_every,
-                                     self.progress)
+                                     self.progress, engine=self.name,
+                                     hint=f"lower inversion.{self.name}.lr or set inversion.{self.name}.nan_retries")
         if self.step_hook is not None:
             self.step_hook(x.detach(), -1)
         try:
@@ -106,16 +116,18 @@ class PixelInversion:
                 if self.lr_schedule == "cosine":
                     cosine_lr(optimizer, lr, step, self.steps)
                 view = jitter_flip(x, self.jitter, self.flip)
-                ce = F.cross_entropy(teacher(view), targets)
+                with autocast(self.precision, device):
+                    logits = teacher(view)
+                ce = F.cross_entropy(logits.float(), targets)
                 bn_term = bn.norm_distance(self.first_bn_multiplier) if len(bn) else torch.zeros((), device=device)
-                tv = total_variation_l2(view)
-                loss = self.ce_weight * ce + self.bn_weight * bn_term + self.tv_weight * tv
+                loss = self.ce_weight * ce + self.bn_weight * bn_term
+                tv = total_variation_l2(view) if self.tv_weight else torch.zeros((), device=device)
+                loss = loss + self.tv_weight * tv
                 if self.l2_weight:  # the CIFAR script's `torch.norm(inputs_jit, 2)`; off by default
                     loss = loss + self.l2_weight * torch.linalg.vector_norm(view)
-                check_finite(loss, self.name, step)
                 pixel_step(optimizer, loss, x, low, high)
                 self.stats.full_model_passes += 1
-                progress.update({"loss": loss, "ce": ce, "bn": bn_term, "tv": tv})
+                progress.update({"loss": loss, "ce": ce, "bn": bn_term, "tv": tv}, loss)
                 if self.step_hook is not None:
                     self.step_hook(x.detach(), step)
         finally:
