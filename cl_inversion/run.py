@@ -29,6 +29,7 @@ from cl_inversion.errors import ConfigError, TrainingDiverged
 from cl_inversion.inversion.callback import ContinualCallback, TaskContext
 from cl_inversion.io import CHECKPOINT_FORMAT, save_checkpoint, write_json
 from cl_inversion.methods.base import ContinualModule, state_bytes
+from cl_inversion.threads import set_job_threads
 from cl_inversion.metrics import evaluate, summary
 from cl_inversion.models.head import IncrementalClassifier
 from cl_inversion.resume import (
@@ -207,6 +208,8 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     choices = hydra_choices()
     validate_config(cfg, {"dataset": {k: int for k in LOADER_KEYS}})
     check_budget(cfg)
+    threads, threads_source = set_job_threads(cfg.get("threads"))
+    log.info(f"torch threads: {threads} ({threads_source})")
     config = OmegaConf.to_container(cfg, resolve=True)
     resume_from = find_resume_checkpoint(run_dir, cfg.resume)
 
@@ -231,6 +234,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "class_names": scenario.class_names,
         "seed": cfg.seed,
         "class_order_seed": scenario.class_order_seed,
+        "threads": threads,
         "config": config,
     }
     start = 0
@@ -243,6 +247,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         restore(method, state, callbacks, source=ckpt_path)
         results = state["results"]
         start = state["task"] + 1
+        results["threads"] = threads
         log.info(f"resuming {run_dir} after task {state['task']} ({ckpt_path.name})")
     logger = build_logger(cfg, run_dir)
 

@@ -26,7 +26,10 @@ def report_cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def method_sweep(tmp_path_factory) -> Path:
     sweep = tmp_path_factory.mktemp("sweep")
-    run_cli("-m", "hydra/launcher=local", "method=finetune,lwf", *QUICK, f"hydra.sweep.dir={sweep}")
+    env = cli_env()
+    for name in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK"):  # the threads come from the cores and the job count
+        env.pop(name, None)
+    run_cli("-m", "hydra/launcher=local", "method=finetune,lwf", *QUICK, f"hydra.sweep.dir={sweep}", env=env)
     return sweep
 
 
@@ -39,6 +42,10 @@ def test_local_launcher_sweep_gives_one_run_dir_and_results_per_job(method_sweep
         assert r["status"] == "completed" and r["tasks_completed"] == 2
         assert [len(row) for row in r["accuracy_matrix"]] == [1, 2]
     assert (method_sweep / ".submitit").is_dir()  # really went through submitit, not the basic launcher
+    from cl_inversion.threads import available_cores
+
+    # the two jobs run at once: each gets half the cores (oversubscribed OpenMP threads spin)
+    assert [r["threads"] for r in results] == [max(1, available_cores() // 2)] * 2
 
 
 def test_report_on_sweep_prints_two_rows_and_writes_plots(method_sweep, tmp_path):
