@@ -9,12 +9,14 @@ import hydra
 from omegaconf import DictConfig
 
 from cl_inversion.config import register_configs
+from cl_inversion.entry import REPO_CONFIG_DIR, config_dir, config_dir_missing_message, slurm_missing_message
 from cl_inversion.errors import user_error
 
 register_configs()
+CONFIG_DIR = config_dir()  # absolute: a relative config_path breaks the console script (see cl_inversion.entry)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR or REPO_CONFIG_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
@@ -36,6 +38,10 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    problem = config_dir_missing_message() if CONFIG_DIR is None else slurm_missing_message(sys.argv[1:])
+    if problem is not None:
+        print(problem, file=sys.stderr)
+        sys.exit(2)
     _hydra_main()
 
 

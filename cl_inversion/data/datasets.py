@@ -184,18 +184,38 @@ def cifar100(root: str = "data", download: bool = False, augment: bool = True,
     return _cifar("cifar100", root, download, augment, color_jitter)
 
 
+def _folder_files(folder: Path, class_names: list[str]) -> list[tuple[int, Path]]:
+    """(label, file) of every image `_decode_folder` reads, in its order."""
+    return [(label, file) for label, name in enumerate(class_names) for file in sorted((folder / name).iterdir())]
+
+
+def _folder_fingerprint(base: Path, class_names: list[str]) -> str:
+    """Hash of the train/ and test/ file lists (relative names, sizes, mtimes): any added, removed or
+    replaced image changes it, so the decoded-tensor cache is never stale."""
+    digest = hashlib.sha1()
+    for split in ("train", "test"):
+        for label, file in _folder_files(base / split, class_names):
+            st = file.stat()
+            digest.update(f"{label}|{file.relative_to(base).as_posix()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 def _decode_folder(folder: Path, class_names: list[str], image_size: int | None) -> tuple[Tensor, Tensor]:
     from PIL import Image
 
     images, targets = [], []
-    for label, name in enumerate(class_names):
-        for file in sorted((folder / name).iterdir()):
+    for label, file in _folder_files(folder, class_names):
+        try:
             with Image.open(file) as img:
                 img = img.convert("RGB")
                 if image_size is not None and img.size != (image_size, image_size):
                     img = img.resize((image_size, image_size), Image.BILINEAR)
                 images.append(torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()))
-            targets.append(label)
+        except (OSError, SyntaxError, ValueError) as err:  # PIL: truncated/corrupt file, not an image
+            reason = " ".join(str(err).split()) or type(err).__name__
+            raise ConfigError(f"dataset.root: cannot decode image {str(file)!r} ({reason}); "
+                              "remove or replace that file") from None
+        targets.append(label)
     return torch.stack(images).permute(0, 3, 1, 2).contiguous(), torch.tensor(targets)
 
 
@@ -220,7 +240,9 @@ def imagefolder(
     """Any `root/train/<class>/*` + `root/test/<class>/*` tree (CIFAR-10 JPEG copy, Tiny-ImageNet...).
 
     Images are decoded once; with `cache=true` the decoded uint8 tensors are kept in
-    `~/.cache/cl_inversion` keyed by the folder's path and size, so later runs start in a second.
+    `$CL_INVERSION_CACHE` (default `~/.cache/cl_inversion`) keyed by the folder's path, `image_size` and
+    its file list (names, sizes, mtimes: adding, removing or replacing an image rebuilds it), so later runs
+    start in a second. A file PIL cannot decode fails with a `ConfigError` naming it.
     `train_per_class` keeps a seeded random subset of that many training images per class (CPU budgets);
     the test split is always whole.
     """
@@ -231,16 +253,19 @@ def imagefolder(
         if not (base / split).is_dir():
             raise ConfigError(f"dataset.root={root!r} has no {split}/ folder of class sub-folders")
     class_names = sorted(p.name for p in (base / "train").iterdir() if p.is_dir())
-    key = hashlib.sha1(f"{base.resolve()}|{image_size}|{len(class_names)}".encode()).hexdigest()[:16]
-    cache_file = Path(os.environ.get("CL_INVERSION_CACHE", "~/.cache/cl_inversion")).expanduser() / f"{key}.pt"
-    if cache and cache_file.exists():
+    cache_file = None
+    if cache:
+        files = _folder_fingerprint(base, class_names)
+        key = hashlib.sha1(f"{base.resolve()}|{image_size}|{class_names}|{files}".encode()).hexdigest()[:16]
+        cache_file = Path(os.environ.get("CL_INVERSION_CACHE", "~/.cache/cl_inversion")).expanduser() / f"{key}.pt"
+    if cache_file is not None and cache_file.exists():
         blob = torch.load(cache_file)
     else:
         blob = {
             "train": _decode_folder(base / "train", class_names, image_size),
             "test": _decode_folder(base / "test", class_names, image_size),
         }
-        if cache:
+        if cache_file is not None:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             save_checkpoint(cache_file, blob)  # atomic: temp file + fsync + rename
     (xtr, ytr), (xte, yte) = blob["train"], blob["test"]
