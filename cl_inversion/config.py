@@ -43,6 +43,7 @@ class RunConfig:
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
     seed: int = 0
     resume: bool = False
+    overwrite: bool = False  # start over in a run directory that holds a run (clears its outputs first)
     resume_fallback: bool = False  # on resume, skip a corrupted latest checkpoint (kept as .corrupt)
     callbacks: Any = field(default_factory=dict)  # name -> {_target_: ...}: Lightning callbacks of the run
     checkpoint: bool = True

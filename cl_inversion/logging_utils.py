@@ -58,12 +58,29 @@ def build_logger(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None 
                  "tags": list(dict.fromkeys(tags)),
                  "name": cfg.logger.get("name") or _job_name(choices, cfg)}
     logger = instantiate(cfg.logger, save_dir=str(run_dir), **extra)
+    if isinstance(logger, CSVLogger):
+        keep_csv_history(logger)
     config = OmegaConf.to_container(cfg, resolve=True)
     if isinstance(logger, WandbLogger):  # nested, so W&B filters read `method.temperature`, not `method/temperature`
         logger.experiment.config.update(config, allow_val_change=True)
     else:
         logger.log_hyperparams(config)
     return logger
+
+
+def keep_csv_history(logger: CSVLogger) -> None:
+    """A resumed run appends to metrics.csv: Lightning's CSV writer deletes an existing file when it starts
+    (`_ExperimentWriter._check_log_dir_exists`), which would lose the earlier tasks' curves."""
+    path = Path(logger.log_dir) / "metrics.csv"
+    history = path.read_bytes() if path.is_file() else None
+    writer = logger.experiment  # created here: the writer removes the file
+    if history is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(history)
+    with open(path, newline="") as handle:
+        header = next(csv.reader(handle), [])
+    writer.metrics_keys = sorted(set(header) | set(writer.metrics_keys))  # Lightning keeps them sorted
 
 
 def after_fit(logger: Logger | bool) -> None:

@@ -143,3 +143,101 @@ def failure_recorded(results_path: Path, cfg: DictConfig) -> Iterator[None]:
                                       **{k: choices.get(k) for k in ("method", "dataset", "backbone")},
                                       "config": config})
         raise
+
+
+# --- a run directory holds one run --------------------------------------------------------------------
+#: what a run writes into its directory (cleared by `overwrite=true`; nothing else there is touched)
+RUN_OUTPUTS = ("results.json", "checkpoints", "logs", "inversion", "accuracy_matrix.png", "wandb",
+               "lightning_logs", ".hydra_original")
+HYDRA_RECORD = ".hydra_original"  # the .hydra files of the run's first start
+
+
+def holds_a_run(run_dir: Path) -> bool:
+    """A checkpoint, or a results.json with at least one finished task (a failed start records none)."""
+    if checkpoints(run_dir):
+        return True
+    path = Path(run_dir) / "results.json"
+    if not path.is_file():
+        return False
+    try:
+        import json
+
+        return int(json.loads(path.read_text()).get("tasks_completed", 0)) > 0
+    except (ValueError, OSError):
+        return True  # unreadable: treat as a run, never overwrite it silently
+
+
+def claim_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Refuse a fresh start in a directory that holds a run (its later checkpoints would mix with ours);
+    `overwrite=true` clears what a run writes there first."""
+    run_dir = Path(run_dir)
+    if holds_a_run(run_dir):
+        if not overwrite:
+            raise ConfigError(f"{run_dir} already holds a run (results.json / checkpoints); continue it with "
+                              "resume=true, start it over with overwrite=true, or pick another hydra.run.dir")
+        import shutil
+
+        for name in RUN_OUTPUTS:
+            path = run_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        log.info(f"overwrite=true: cleared the previous run's outputs in {run_dir}")
+    keep_hydra_record(run_dir)
+
+
+def keep_hydra_record(run_dir: Path) -> None:
+    """Copy this start's `.hydra/` to `.hydra_original/` (what `restore_hydra_record` puts back)."""
+    import shutil
+
+    source, target = Path(run_dir) / ".hydra", Path(run_dir) / HYDRA_RECORD
+    if not source.is_dir():
+        return
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.replace(target)
+
+
+def restore_hydra_record(run_dir: Path) -> None:
+    """A refused start (config differs, directory taken, bad input) must not leave its own config as the
+    record of the run in that directory: Hydra wrote `.hydra/` before the run began; put the original back."""
+    import shutil
+
+    record, hydra_dir = Path(run_dir) / HYDRA_RECORD, Path(run_dir) / ".hydra"
+    if not record.is_dir():
+        return
+    for path in record.iterdir():
+        tmp = hydra_dir / (path.name + ".tmp")
+        shutil.copyfile(path, tmp)
+        tmp.replace(hydra_dir / path.name)
+
+
+# --- random state at a task boundary -------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch (CPU and CUDA) generator states: a run resumed between training and synthesis
+    continues with the randomness an uninterrupted run would have had there."""
+    import random
+
+    import numpy as np
+    import torch
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

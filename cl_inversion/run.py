@@ -25,27 +25,33 @@ from omegaconf import DictConfig, OmegaConf
 from cl_inversion import logging_utils
 from cl_inversion.data.datasets import DatasetBundle
 from cl_inversion.data.scenario import ClassIncrementalScenario
+from cl_inversion.entry import REPO_CONFIG_DIR, config_dir
 from cl_inversion.errors import ConfigError, TrainingDiverged
 from cl_inversion.inversion.callback import ContinualCallback, TaskContext
 from cl_inversion.io import CHECKPOINT_FORMAT, save_checkpoint, write_json
 from cl_inversion.methods.base import ContinualModule, state_bytes
-from cl_inversion.threads import set_job_threads
 from cl_inversion.metrics import evaluate, summary
 from cl_inversion.models.head import IncrementalClassifier
+from cl_inversion.provenance import now, provenance
 from cl_inversion.resume import (
     callback_states,
+    claim_run_dir,
     failure_fields,
     failure_recorded,
     find_resume_checkpoint,
     latest_checkpoint,  # noqa: F401  (re-exported: run.latest_checkpoint)
     load_callback_states,
     load_resume_state,
+    restore_hydra_record,
+    rng_state,
+    set_rng_state,
 )
+from cl_inversion.threads import set_job_threads
 from cl_inversion.validate import validate_config
 from cl_inversion.zero_shot import record_zero_shot
 
 log = logging.getLogger("cl_inversion")
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONFIG_DIR = config_dir() or REPO_CONFIG_DIR  # the checkout's conf/, else a wheel's installed copy
 LOADER_KEYS = ("batch_size", "num_workers", "channels")  # dataset keys that are not the loader's args
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -167,7 +173,7 @@ def _config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
         a, b = saved.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             keys += _config_diff(a, b, f"{prefix}{key}.")
-        elif a != b and key not in ("resume", "resume_fallback", "experiment_name"):
+        elif a != b and key not in ("resume", "resume_fallback", "experiment_name", "overwrite"):
             keys.append(f"{prefix}{key}")
     return keys
 
@@ -201,7 +207,11 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     run_dir = resolve_run_dir(run_dir)
     with failure_recorded(run_dir / "results.json", cfg):
-        return _run(cfg, run_dir)
+        try:
+            return _run(cfg, run_dir)
+        except ConfigError:
+            restore_hydra_record(run_dir)  # a refused start leaves the directory's run recorded as it was
+            raise
 
 
 def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -235,6 +245,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "seed": cfg.seed,
         "class_order_seed": scenario.class_order_seed,
         "threads": threads,
+        "provenance": None,  # filled in once the device is known (first Trainer)
         "config": config,
     }
     start = 0
@@ -246,9 +257,15 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                               f"{', '.join(diff)}")
         restore(method, state, callbacks, source=ckpt_path)
         results = state["results"]
-        start = state["task"] + 1
+        trained = state.get("stage") == "trained"  # killed between training and synthesis: keep the training
+        start = state["task"] if trained else state["task"] + 1
+        boundary = state if trained else None
         results["threads"] = threads
-        log.info(f"resuming {run_dir} after task {state['task']} ({ckpt_path.name})")
+        where = f"the training of task {state['task']} (synthesis next)" if trained else f"task {state['task']}"
+        log.info(f"resuming {run_dir} after {where} ({ckpt_path.name})")
+    else:
+        boundary = None
+        claim_run_dir(run_dir, cfg.get("overwrite", False))
     logger = build_logger(cfg, run_dir)
 
     results_path = run_dir / "results.json"
@@ -259,21 +276,39 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             task = scenario.tasks[t]
             datamodule = scenario.datamodule(t, batch_size, cfg.dataset.num_workers,
                                              cumulative=method.uses_all_data, seed=task_seed(cfg.seed, t))
-            method.begin_task(t, len(task.classes), datamodule, is_last=t == len(scenario) - 1)
+            resumed_trained = boundary is not None and t == start
+            if resumed_trained:  # the head, weights and method state are task t's after training
+                method.is_last_task = t == len(scenario) - 1
+            else:
+                method.begin_task(t, len(task.classes), datamodule, is_last=t == len(scenario) - 1)
             if t > start:  # Lightning's per-Trainer device banner, once per run is enough
                 logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
             trainer: L.Trainer = instantiate(cfg.trainer, logger=logger, default_root_dir=str(run_dir),
                                              callbacks=[*callbacks, FiniteLossGuard(t, len(scenario))],
                                              **cluster_plugins(cfg))
-            if t == 0:  # zero-shot retention baseline (CLIP backbones only; no-op otherwise)
-                record_zero_shot(results, method.net.backbone, scenario, batch_size, trainer.strategy.root_device)
-            began = time.perf_counter()
-            trainer.fit(method, datamodule=datamodule)
-            logging_utils.after_fit(logger)
-            train_s = time.perf_counter() - began
-            device = trainer.strategy.root_device  # fit's teardown left the module on the CPU
-            method.net.to(device)
-            method.end_task(datamodule)
+            device = trainer.strategy.root_device
+            if results.get("provenance") is None:
+                results["provenance"] = provenance(str(device))
+            task_began = time.perf_counter()
+            if resumed_trained:
+                train_s = boundary["train_time_s"]
+                set_rng_state(boundary["rng"])
+                method.net.to(device)
+            else:
+                if t == 0:  # zero-shot retention baseline (CLIP backbones only; no-op otherwise)
+                    record_zero_shot(results, method.net.backbone, scenario, batch_size, device)
+                began = time.perf_counter()
+                trainer.fit(method, datamodule=datamodule)
+                logging_utils.after_fit(logger)
+                train_s = time.perf_counter() - began
+                method.net.to(device)  # fit's teardown left the module on the CPU
+                method.end_task(datamodule)
+                synthesises = t < len(scenario) - 1 and any(isinstance(cb, ContinualCallback) for cb in callbacks)
+                if synthesises and cfg.checkpoint and trainer.is_global_zero:
+                    # the task's training survives a crash or Ctrl-C during synthesis: resume starts there
+                    save_checkpoint(run_dir / "checkpoints" / f"task_{t}.ckpt",
+                                    {**checkpoint_state(method, t, results, callbacks), "stage": "trained",
+                                     "train_time_s": train_s, "rng": rng_state()})
             context = TaskContext(t, run_dir, logger, datamodule, bundle.image_shape, bundle.pixel_range(),
                                   bundle.mean, bundle.std, device)
             for callback in callbacks:
@@ -292,7 +327,10 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 "average_accuracy": sum(row.accuracy) / len(row.accuracy),
                 "old_class_accuracy": row.old_class_accuracy, "new_class_accuracy": row.new_class_accuracy,
                 "train_time_s": train_s,
+                "wall_s": time.perf_counter() - task_began,  # training, synthesis and evaluation
             })
+            results["wall_s"] = results.get("wall_s", 0.0) + results["per_task"][-1]["wall_s"]
+            results["provenance"]["ended_at"] = now()
             results.update(summary(results["accuracy_matrix"], results["task_aware_matrix"], row))
             results["carried_state_bytes"] = method.carried_state_bytes() + sum(
                 state_bytes(cb.state_dict()) for cb in callbacks if hasattr(cb, "state_dict"))

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import lightning as L
 import torch
+
+from cl_inversion.inversion.callback import ContinualCallback
 
 
 class StateProbe(L.Callback):
@@ -20,3 +24,13 @@ class StateProbe(L.Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.draws = list(state["draws"])
+
+
+
+class SynthesisCrash(ContinualCallback):
+    """Raises KeyboardInterrupt (a Ctrl-C) at the boundary of task `$CL_TEST_CRASH_AT_TASK`, after the task's
+    training: the run dies during its between-task work (synthesis). The config is the same with or without."""
+
+    def on_task_end(self, method, context) -> None:
+        if os.environ.get("CL_TEST_CRASH_AT_TASK") == str(context.task):
+            raise KeyboardInterrupt

@@ -1,7 +1,7 @@
 """The whole program through its CLI, on digits."""
 
 import torch
-from conftest import FAST, read_results
+from conftest import FAST, read_results, run_cli
 
 
 def test_default_run_writes_results_and_checkpoints(cli, tmp_path):
@@ -49,3 +49,18 @@ def test_python_api_runs_the_same_experiment(compose, tmp_path):
                    "logger=none"])
     res = run(cfg, run_dir=tmp_path)
     assert len(res["accuracy_matrix"]) == 2 and (tmp_path / "results.json").exists()
+
+
+def test_results_record_provenance_and_wall_times(tmp_path):
+    run_cli("method=finetune", "scenario.n_tasks=2", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+            "logger=none", run_dir=tmp_path)
+    res = read_results(tmp_path)
+    prov = res["provenance"]
+    import lightning
+
+    assert prov["torch"] == torch.__version__ and prov["lightning"] == lightning.__version__
+    assert prov["cl_inversion"] and prov["device"] == "cpu" and prov["started_at"] <= prov["ended_at"]
+    assert prov["git"] is None or len(prov["git"]["commit"]) == 40  # a checkout records its commit
+    walls = [t["wall_s"] for t in res["per_task"]]
+    assert len(walls) == 2 and all(w >= t["train_time_s"] > 0 for w, t in zip(walls, res["per_task"]))
+    assert abs(res["wall_s"] - sum(walls)) < 1e-6

@@ -196,3 +196,55 @@ def test_sweep_job_failure_is_recorded_and_other_jobs_run_deterministically(tmp_
     assert a["accuracy_matrix"] == b["accuracy_matrix"]
     ca, cb = (torch.load(d / "checkpoints" / "task_1.ckpt", weights_only=False) for d in (first, second))
     assert all(torch.equal(ca["net"][k], cb["net"][k]) for k in ca["net"])
+
+
+def test_crash_during_synthesis_resumes_after_the_task_training(tmp_path):
+    """Killed (Ctrl-C) between task 1's training and its end: the resumed run does not train task 1 again,
+    synthesises from the same random state, and ends as an uninterrupted run; metrics.csv keeps its rows."""
+    args = ["method=deepinversion", *SMALL_SYNTHESIS, "dataset=digits", "trainer.max_epochs=2",
+            "trainer.enable_progress_bar=false", "seed=3", "+callbacks.probe._target_=tests.probe.StateProbe",
+            "+callbacks.crash._target_=tests.probe.SynthesisCrash"]
+    full = start_cli(*args, run_dir=tmp_path / "full")
+    crashed_dir = tmp_path / "crashed"
+    crashed = start_cli(*args, run_dir=crashed_dir, extra_env={"CL_TEST_CRASH_AT_TASK": "1"})
+    out, _ = crashed.communicate(timeout=300)
+    assert crashed.returncode != 0, out[-3000:]
+    state = torch.load(crashed_dir / "checkpoints" / "task_1.ckpt", map_location="cpu", weights_only=False)
+    assert state["stage"] == "trained" and len(state["callbacks"]["StateProbe"]["draws"]) == 2
+    assert read_results(crashed_dir)["tasks_completed"] == 1
+    out = finish(start_cli(*args, "resume=true", run_dir=crashed_dir))
+    finish(full)
+    assert "after the training of task 1" in out
+    assert_same_run(tmp_path / "full", crashed_dir)  # 5 draws: task 1 was not fitted again
+
+    def rows(run_dir: Path) -> int:
+        return len((run_dir / "logs" / "metrics.csv").read_text().splitlines())
+
+    # nothing lost (Lightning's CSV writer deleted the file on resume); task 1's synthesis ran twice, so its
+    # progress rows are there twice
+    assert rows(tmp_path / "full") <= rows(crashed_dir) <= rows(tmp_path / "full") + 5
+
+
+def test_run_dir_holding_a_run_is_refused_unless_overwrite(tmp_path, finished_run):
+    source, args = finished_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(source, run_dir)
+    def files() -> dict[Path, bytes]:  # Hydra's job log (__main__.log) is appended to by every start
+        return {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*")
+                if p.is_file() and p.suffix != ".log"}
+
+    before = files()
+    fresh = [a for a in args if not a.startswith("scenario.")] + ["scenario.n_tasks=2"]  # another run
+    proc = run_cli(*fresh, run_dir=run_dir, check=False, env=env())
+    assert proc.returncode == 2 and "already holds a run" in proc.stderr and "overwrite=true" in proc.stderr
+    assert files() == before  # results, checkpoints and the .hydra record of the original run untouched
+
+    changed = run_cli(*args, "optimizer.lr=0.01", "resume=true", run_dir=run_dir, check=False, env=env())
+    assert changed.returncode == 2 and "config differs" in changed.stderr
+    assert (run_dir / ".hydra" / "overrides.yaml").read_bytes() == before[Path(".hydra/overrides.yaml")]
+    assert (run_dir / ".hydra" / "config.yaml").read_bytes() == before[Path(".hydra/config.yaml")]
+
+    run_cli(*fresh, "overwrite=true", run_dir=run_dir, env=env())
+    res = read_results(run_dir)
+    assert res["status"] == "completed" and res["n_tasks"] == 2
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["task_0.ckpt", "task_1.ckpt"]
