@@ -21,6 +21,7 @@ RESULTS = ROOT / "results"
 BENCHMARKS = {  # name -> arguments
     "loop_overhead": ["--quick"],
     "inversion_speed": ["--quick"],
+    "synthesis_speed": ["--quick"],
 }
 
 

@@ -48,3 +48,20 @@ def test_inversion_speed_reports_both_engines_and_speedups():
     assert start["step"] == 0 and abs(start["passes"] - result["pmi_per_layer_passes"]) < 1e-6
     assert len(result["pmi_block_relative_errors"]) == 3  # small CNN: stem + 2 stages
     assert result["pmi_start_feature_error"] > 0 and ablations["pmi_from_real_images"]["start_feature_error"] > 0
+
+
+def test_synthesis_speed_reports_every_engine_and_option_ratio():
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.synthesis_speed", "--steps", "1", "--rounds", "1",
+                           "--batch", "10"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(result["engines"]) == {"pixel", "generator", "per_layer"} and result["threads"] == 1
+    for name, engine in result["engines"].items():
+        assert engine["ms_per_step"] > 0 and engine["images_per_s"] > 0
+        expected = {"before", "bf16-mixed"} | ({"channels_last"} if name != "per_layer" else set())
+        assert set(engine["options"]) == expected and all(r > 0 for r in engine["options"].values())

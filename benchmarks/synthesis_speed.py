@@ -1,0 +1,193 @@
+"""Synthesis step time per engine, its options toggled, and the step as it was before the fast path.
+
+    python -m benchmarks.synthesis_speed [--quick] [--steps N] [--rounds R] [--batch B] [--threads T]
+
+Teacher: ABD's CIFAR ResNet-32 (31 BN layers) at 32x32 with 10 classes, its BN running statistics set by
+a few training-mode passes over random images (no download, no trained weights: time per step does not
+depend on them). Engines, each for N steps of batch B per timed run:
+
+* pixel     — `PixelInversion._run` (DeepInversion: CE + BN norm distance + TV, Adam on the images);
+* generator — `GeneratorInversion._train` (ABD: content + diversity + BN KL + smoothness, Adam on G);
+* per_layer — `PerLayerInversion.invert_full` (PMI's full-model phase; its per-layer phase is per block).
+
+Arms per engine, interleaved round by round in one process (shared-machine load hits all alike), the
+median of R rounds kept:
+
+* `default`    — the engine as configured by `conf/inversion/default.yaml`;
+* `before`     — the step as it was before the fast path (issue 20): two-pass BN variance
+                 (`x.var(unbiased=False)`) and one host read of the loss every step (the old NaN guard),
+                 patched into the same engine code; its ratio is before / default;
+* `channels_last`, `bf16-mixed` — the option switched on (pixel and generator; bf16 for per_layer), the
+                 ratio option / default (below 1: faster).
+
+The last line printed is one JSON object:
+`{"engines": {"pixel": {"ms_per_step": ..., "images_per_s": ..., "options": {"before": r, ...}}, ...},
+"threads": T, "steps": N, "batch": B, "rounds": R, "device": "cpu"}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from cl_inversion.inversion import GeneratorInversion, PerLayerInversion, PixelInversion, common
+from cl_inversion.inversion.common import BNStatistics, SynthesisProgress, frozen_eval
+
+N_CLASSES = 10
+SHAPE = (3, 32, 32)
+PIXEL_RANGE = (torch.full((3, 1, 1), -2.0), torch.full((3, 1, 1), 2.0))
+
+
+def make_teacher() -> nn.Module:
+    from cl_inversion.models import CifarResNet, IncrementalClassifier
+
+    torch.manual_seed(0)
+    net = IncrementalClassifier(CifarResNet(32, in_channels=3, variant="abd"))
+    net.grow(N_CLASSES)
+    net.train()
+    with torch.no_grad():
+        for _ in range(4):
+            net(torch.randn(64, *SHAPE) * 0.8 + 0.1)
+    return net.eval()
+
+
+def two_pass_moments(x: torch.Tensor, shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    dims = [0] + list(range(2, x.dim()))
+    return x.mean(dims), x.var(dims, unbiased=False)
+
+
+@contextlib.contextmanager
+def before_fast_path() -> Iterator[None]:
+    """The engines' step as before issue 20: two-pass variance, the loss read on the host every step."""
+    moments, update = common.batch_moments, SynthesisProgress.update
+
+    def reading_update(self, terms, loss=None):
+        if loss is not None:
+            float(loss.detach())  # the old `check_finite`: `torch.isfinite(loss)` in an `if`, every step
+        return update(self, terms, loss)
+
+    common.batch_moments, SynthesisProgress.update = two_pass_moments, reading_update
+    try:
+        yield
+    finally:
+        common.batch_moments, SynthesisProgress.update = moments, update
+
+
+def pixel_runner(teacher: nn.Module, steps: int, batch: int, **options: Any) -> Callable[[], None]:
+    engine = PixelInversion(steps=steps, batch_size=batch, progress=False, **options)
+    engine.setup(SHAPE, PIXEL_RANGE)
+    targets = torch.arange(N_CLASSES).repeat(batch // N_CLASSES + 1)[:batch]
+
+    def run() -> None:
+        with frozen_eval(teacher), BNStatistics(teacher) as bn, common.memory_format(teacher, engine.channels_last):
+            engine._run(teacher, bn, targets, engine.lr, 0)
+
+    return run
+
+
+def generator_runner(teacher: nn.Module, steps: int, batch: int, **options: Any) -> Callable[[], None]:
+    engine = GeneratorInversion(steps=steps, batch_size=batch, progress=False, **options)
+    engine.setup(SHAPE, PIXEL_RANGE)
+    engine._fresh_generator(torch.device("cpu"), engine.lr)
+
+    def run() -> None:
+        engine._train(teacher, N_CLASSES)
+
+    return run
+
+
+def per_layer_runner(teacher: nn.Module, steps: int, batch: int, **options: Any) -> Callable[[], None]:
+    engine = PerLayerInversion(layer_steps=0, full_steps=steps, batch_size=batch, progress=False, **options)
+    engine.setup(SHAPE, PIXEL_RANGE)
+    from cl_inversion.inversion.features import ClassGaussians
+
+    dim = teacher.backbone.feature_dim
+    engine.gaussians = ClassGaussians()
+    engine.gaussians.fit(torch.randn(20 * N_CLASSES, dim), torch.arange(N_CLASSES).repeat(20))
+    labels = torch.arange(N_CLASSES).repeat(batch // N_CLASSES + 1)[:batch]
+    start, features = torch.randn(batch, *SHAPE), torch.randn(batch, dim)
+
+    def run() -> None:
+        with frozen_eval(teacher):
+            engine.invert_full(teacher, start.clone(), features, labels)
+
+    return run
+
+
+ENGINES = {
+    "pixel": (pixel_runner, ["channels_last", "bf16-mixed"]),
+    "generator": (generator_runner, ["channels_last", "bf16-mixed"]),
+    "per_layer": (per_layer_runner, ["bf16-mixed"]),
+}
+
+
+def option_kwargs(option: str) -> dict[str, Any]:
+    if option == "channels_last":
+        return {"channels_last": True}
+    if option == "bf16-mixed":
+        return {"precision": "bf16-mixed"}
+    return {}
+
+
+def measure(engines: list[str], steps: int, batch: int, rounds: int) -> dict[str, Any]:
+    teacher = make_teacher()
+    arms: list[tuple[str, str, Callable[[], None], bool]] = []
+    for name in engines:
+        make, options = ENGINES[name]
+        arms.append((name, "default", make(teacher, steps, batch), False))
+        arms.append((name, "before", make(teacher, steps, batch), True))
+        for option in options:
+            arms.append((name, option, make(teacher, steps, batch, **option_kwargs(option)), False))
+    times: dict[tuple[str, str], list[float]] = {(e, a): [] for e, a, _, _ in arms}
+    for r in range(rounds + 1):  # round 0 warms up every arm (allocator, oneDNN kernels)
+        for engine, arm, run, before in arms:
+            with before_fast_path() if before else contextlib.nullcontext():
+                began = time.perf_counter()
+                run()
+                elapsed = time.perf_counter() - began
+            if r:
+                times[engine, arm].append(elapsed / steps)
+        print(f"[synthesis_speed] round {r}/{rounds} done", file=sys.stderr, flush=True)
+    result: dict[str, Any] = {}
+    for engine in engines:
+        default = statistics.median(times[engine, "default"])
+        options = {arm: round(statistics.median(t) / default, 4) for (e, arm), t in times.items()
+                   if e == engine and arm != "default"}
+        result[engine] = {"ms_per_step": round(1000 * default, 2), "images_per_s": round(batch / default, 1),
+                          "options": options,
+                          "ms_per_step_by_arm": {arm: round(1000 * statistics.median(t), 2)
+                                                 for (e, arm), t in times.items() if e == engine}}
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="batch 64, 5 steps, 3 rounds (a few minutes on 2 cores)")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--engines", nargs="*", default=list(ENGINES), choices=list(ENGINES))
+    args = parser.parse_args(argv)
+    steps = args.steps or (5 if args.quick else 20)
+    rounds = args.rounds or (3 if args.quick else 7)
+    batch = args.batch or (64 if args.quick else 256)
+    torch.set_num_threads(args.threads)
+    engines = measure(args.engines, steps, batch, rounds)
+    out = {"engines": engines, "threads": args.threads, "steps": steps, "batch": batch, "rounds": rounds,
+           "device": "cpu"}
+    print(json.dumps(out), flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()
