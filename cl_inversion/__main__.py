@@ -37,11 +37,39 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     return results.get("final_accuracy")
 
 
+#: config groups composed automatically (budgets, the smoke add-on, preset bases): not listed by --help
+INTERNAL_GROUPS = ("budget", "method_budget", "smoke", "experiment/base")
+
+
+def help_text(config_dir: str | os.PathLike) -> str:
+    """`--help`: what a user picks, without the groups the defaults list composes by itself."""
+    from pathlib import Path
+
+    root = Path(config_dir)
+    groups = {}
+    for folder in sorted(p for p in root.rglob("*") if p.is_dir()):
+        name = folder.relative_to(root).as_posix()
+        options = sorted(f.stem for f in folder.glob("*.yaml"))
+        if options and not name.startswith(INTERNAL_GROUPS):
+            groups[name] = options
+    lines = ["cl-inversion: data-free continual learning experiments (Hydra overrides: group=option key=value)",
+             "", "  cl-inversion method=abd dataset=digits seed=1",
+             "  cl-inversion -m method=abd,pmi seed=0,1,2 hydra/launcher=local      # a sweep",
+             "  cl-inversion experiment=abd_cifar100_10t +smoke=digits              # a paper preset, in seconds",
+             "", "== Configuration groups =="]
+    lines += [f"{name}: {', '.join(options)}" for name, options in groups.items()]
+    lines += ["", "Keys of the composed config: cl-inversion --cfg job [overrides]; Hydra's own flags: --hydra-help"]
+    return "\n".join(lines)
+
+
 def main() -> None:
     problem = config_dir_missing_message() if CONFIG_DIR is None else slurm_missing_message(sys.argv[1:])
     if problem is not None:
         print(problem, file=sys.stderr)
         sys.exit(2)
+    if any(arg in ("--help", "-h") for arg in sys.argv[1:]):
+        print(help_text(CONFIG_DIR))
+        return
     _hydra_main()
 
 

@@ -140,6 +140,33 @@ class FiniteLossGuard(L.Callback):
                 "loss weights")
 
 
+def quiet_lightning() -> None:
+    """One line per event: Lightning's own console handler duplicates what the root (Hydra's) handler
+    prints; its per-Trainer banners (devices, tips, "fit stopped") repeat every task; the start line of
+    the task loop names the device instead. Two warnings that fire on every Trainer and say nothing here
+    are dropped: a frozen teacher is in eval mode on purpose, and small tasks have few batches."""
+    root = logging.getLogger()
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logger = logging.getLogger(name)
+        if root.handlers:
+            for handler in list(logger.handlers):
+                logger.removeHandler(handler)
+            logger.propagate = True
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric.utilities.rank_zero").setLevel(logging.WARNING)
+    for pattern in (".*module\\(s\\) in eval mode.*", ".*smaller than the logging interval.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def progress_bar(cfg: DictConfig) -> dict[str, bool]:
+    """`trainer.enable_progress_bar: null`: a bar on a terminal, none in a log file (a bar floods it)."""
+    if cfg.trainer.get("enable_progress_bar", True) is None:
+        import sys
+
+        return {"enable_progress_bar": sys.stderr.isatty()}
+    return {}
+
+
 def check_budget(cfg: DictConfig) -> None:
     """Values Lightning accepts but that make no experiment: -1 epochs trains forever, 0 trains nothing."""
     max_epochs = cfg.trainer.get("max_epochs")
@@ -205,6 +232,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     """
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet_lightning()
     run_dir = resolve_run_dir(run_dir)
     with failure_recorded(run_dir / "results.json", cfg):
         try:
@@ -219,7 +247,6 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     validate_config(cfg, {"dataset": {k: int for k in LOADER_KEYS}})
     check_budget(cfg)
     threads, threads_source = set_job_threads(cfg.get("threads"))
-    log.info(f"torch threads: {threads} ({threads_source})")
     config = OmegaConf.to_container(cfg, resolve=True)
     resume_from = find_resume_checkpoint(run_dir, cfg.resume)
 
@@ -281,12 +308,14 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 method.is_last_task = t == len(scenario) - 1
             else:
                 method.begin_task(t, len(task.classes), datamodule, is_last=t == len(scenario) - 1)
-            if t > start:  # Lightning's per-Trainer device banner, once per run is enough
-                logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
             trainer: L.Trainer = instantiate(cfg.trainer, logger=logger, default_root_dir=str(run_dir),
                                              callbacks=[*callbacks, FiniteLossGuard(t, len(scenario))],
-                                             **cluster_plugins(cfg))
+                                             **cluster_plugins(cfg), **progress_bar(cfg))
             device = trainer.strategy.root_device
+            if t == start:
+                log.info(f"{'resuming' if start else 'starting'} {results['method']} on {results['dataset']} "
+                         f"({results['backbone']}), seed {cfg.seed}, {len(scenario)} tasks, {device}, "
+                         f"{threads} threads ({threads_source}) | {run_dir}")
             if results.get("provenance") is None:
                 results["provenance"] = provenance(str(device))
             task_began = time.perf_counter()

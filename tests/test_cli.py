@@ -64,3 +64,20 @@ def test_results_record_provenance_and_wall_times(tmp_path):
     walls = [t["wall_s"] for t in res["per_task"]]
     assert len(walls) == 2 and all(w >= t["train_time_s"] > 0 for w, t in zip(walls, res["per_task"]))
     assert abs(res["wall_s"] - sum(walls)) < 1e-6
+
+
+def test_console_is_one_line_per_event_and_help_lists_what_users_pick(tmp_path):
+    proc = run_cli("method=finetune", "scenario.n_tasks=2", "trainer.max_epochs=1", "logger=none", run_dir=tmp_path)
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    # start (method, dataset, seed, device, threads, run dir), one line per task, the final line; no progress
+    # bar in a log (stderr is not a terminal here) and no Lightning line printed twice
+    assert len(lines) == 4, lines
+    assert "starting finetune on digits" in lines[0] and "seed 0" in lines[0] and "cpu" in lines[0]
+    assert "task 1/2" in lines[1] and "task 2/2" in lines[2]
+    assert "final accuracy" in lines[-1] and str(tmp_path / "results.json") in lines[-1]
+    assert not any("it/s" in line or "GPU available" in line for line in lines)
+
+    help_out = run_cli("--help").stdout
+    assert "method: abd, deepinversion" in help_out and "hydra/launcher: local, slurm" in help_out
+    for internal in ("budget:", "method_budget:", "smoke:", "experiment/base:"):
+        assert f"\n{internal}" not in help_out
