@@ -70,7 +70,12 @@ def main() -> None:
     if any(arg in ("--help", "-h") for arg in sys.argv[1:]):
         print(help_text(CONFIG_DIR))
         return
-    _hydra_main()
+    from cl_inversion.sweep_summary import print_summary
+
+    try:
+        _hydra_main()
+    finally:  # a multirun ends with its jobs' tally (also when a job failed and Hydra exits non-zero)
+        print_summary()
 
 
 if __name__ == "__main__":

@@ -66,6 +66,8 @@ def test_failed_job_leaves_the_other_intact_and_is_reported(tmp_path):
     proc = run_cli("-m", "hydra/launcher=local", "method=finetune", "scenario.n_tasks=2,3", "trainer.max_epochs=1",
                    "trainer.enable_progress_bar=false", f"hydra.sweep.dir={sweep}", check=False)
     assert proc.returncode != 0  # the sweep reports the failure...
+    tally = [line for line in proc.stdout.splitlines() if line.startswith(f"sweep {sweep}:")]
+    assert len(tally) == 1 and "1 of 2 jobs completed, 1 not:" in tally[0] and "(failed)" in tally[0], proc.stdout
     results = {read_results(d)["n_tasks"]: read_results(d) for d in job_dirs(sweep)}
     assert results[2]["status"] == "completed" and len(results[2]["accuracy_matrix"]) == 2  # ...the other job ran
     assert results[3]["status"] == "failed" and "n_tasks" in results[3]["error"]
