@@ -18,7 +18,9 @@ median of R rounds kept:
                  (`x.var(unbiased=False)`) and one host read of the loss every step (the old NaN guard),
                  patched into the same engine code; its ratio is before / default;
 * `channels_last`, `bf16-mixed` — the option switched on (pixel and generator; bf16 for per_layer), the
-                 ratio option / default (below 1: faster).
+                 ratio option / default (below 1: faster);
+* `compile` (with `--compile`) — `compile: true` (pixel, generator); its first round, which compiles, is
+                 reported apart as `compile_warmup_s`.
 
 The last line printed is one JSON object:
 `{"engines": {"pixel": {"ms_per_step": ..., "images_per_s": ..., "options": {"before": r, ...}}, ...},
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import statistics
 import sys
@@ -94,6 +97,41 @@ def pixel_runner(teacher: nn.Module, steps: int, batch: int, **options: Any) -> 
     return run
 
 
+def compiled_pixel_runner(teacher: nn.Module, steps: int, batch: int) -> Callable[[], None]:
+    """The pixel step with `compile: true`: hooks and the compiled teacher kept across rounds (a synthesis
+    compiles once per teacher; re-registering hooks each round would recompile every round)."""
+    teacher = copy.deepcopy(teacher).requires_grad_(False)
+    engine = PixelInversion(steps=steps, batch_size=batch, progress=False, compile=True)
+    engine.setup(SHAPE, PIXEL_RANGE)
+    targets = torch.arange(N_CLASSES).repeat(batch // N_CLASSES + 1)[:batch]
+    bn = BNStatistics(teacher)
+    model = common.compiled(teacher, True)
+
+    def run() -> None:
+        engine._run(model, bn, targets, engine.lr, 0)
+
+    return run
+
+
+def compiled_generator_runner(teacher: nn.Module, steps: int, batch: int) -> Callable[[], None]:
+    """The generator step with `compile: true` (`GeneratorInversion._train`'s loop, hooks kept across rounds)."""
+    teacher = copy.deepcopy(teacher).requires_grad_(False)
+    engine = GeneratorInversion(steps=steps, batch_size=batch, progress=False, compile=True)
+    engine.setup(SHAPE, PIXEL_RANGE)
+    engine._fresh_generator(torch.device("cpu"), engine.lr)
+    bn = BNStatistics(teacher)
+    model = common.compiled(teacher, True)
+
+    def run() -> None:
+        for _ in range(steps):
+            loss = engine.loss_terms(model, bn, engine.generator.sample(batch), N_CLASSES)["loss"]
+            engine.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            engine.optimizer.step()
+
+    return run
+
+
 def generator_runner(teacher: nn.Module, steps: int, batch: int, **options: Any) -> Callable[[], None]:
     engine = GeneratorInversion(steps=steps, batch_size=batch, progress=False, **options)
     engine.setup(SHAPE, PIXEL_RANGE)
@@ -138,7 +176,10 @@ def option_kwargs(option: str) -> dict[str, Any]:
     return {}
 
 
-def measure(engines: list[str], steps: int, batch: int, rounds: int) -> dict[str, Any]:
+COMPILED = {"pixel": compiled_pixel_runner, "generator": compiled_generator_runner}
+
+
+def measure(engines: list[str], steps: int, batch: int, rounds: int, compile_arms: bool = False) -> dict[str, Any]:
     teacher = make_teacher()
     arms: list[tuple[str, str, Callable[[], None], bool]] = []
     for name in engines:
@@ -147,6 +188,9 @@ def measure(engines: list[str], steps: int, batch: int, rounds: int) -> dict[str
         arms.append((name, "before", make(teacher, steps, batch), True))
         for option in options:
             arms.append((name, option, make(teacher, steps, batch, **option_kwargs(option)), False))
+        if compile_arms and name in COMPILED:
+            arms.append((name, "compile", COMPILED[name](teacher, steps, batch), False))
+    warmup: dict[tuple[str, str], float] = {}
     times: dict[tuple[str, str], list[float]] = {(e, a): [] for e, a, _, _ in arms}
     for r in range(rounds + 1):  # round 0 warms up every arm (allocator, oneDNN kernels)
         for engine, arm, run, before in arms:
@@ -156,6 +200,8 @@ def measure(engines: list[str], steps: int, batch: int, rounds: int) -> dict[str
                 elapsed = time.perf_counter() - began
             if r:
                 times[engine, arm].append(elapsed / steps)
+            else:
+                warmup[engine, arm] = elapsed
         print(f"[synthesis_speed] round {r}/{rounds} done", file=sys.stderr, flush=True)
     result: dict[str, Any] = {}
     for engine in engines:
@@ -166,6 +212,8 @@ def measure(engines: list[str], steps: int, batch: int, rounds: int) -> dict[str
                           "options": options,
                           "ms_per_step_by_arm": {arm: round(1000 * statistics.median(t), 2)
                                                  for (e, arm), t in times.items() if e == engine}}
+        if (engine, "compile") in warmup:  # the first round of the compiled arm includes compiling
+            result[engine]["compile_warmup_s"] = round(warmup[engine, "compile"], 1)
     return result
 
 
@@ -177,12 +225,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--engines", nargs="*", default=list(ENGINES), choices=list(ENGINES))
+    parser.add_argument("--compile", action="store_true",
+                        help="add the compile option's arm (pixel, generator): minutes of compiling on a CPU")
     args = parser.parse_args(argv)
     steps = args.steps or (5 if args.quick else 20)
     rounds = args.rounds or (3 if args.quick else 7)
     batch = args.batch or (64 if args.quick else 256)
     torch.set_num_threads(args.threads)
-    engines = measure(args.engines, steps, batch, rounds)
+    engines = measure(args.engines, steps, batch, rounds, args.compile)
     out = {"engines": engines, "threads": args.threads, "steps": steps, "batch": batch, "rounds": rounds,
            "device": "cpu"}
     print(json.dumps(out), flush=True)

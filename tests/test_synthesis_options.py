@@ -157,3 +157,18 @@ def test_small_cnn_teacher_also_runs_bf16():
     e.setup((1, 8, 8), (torch.full((1, 1, 1), -1.0), torch.full((1, 1, 1), 2.0)))
     images, _ = e.synthesize(net, [0, 1], 8)
     assert torch.isfinite(images).all()
+
+
+@pytest.mark.slow
+def test_compiled_teacher_gives_the_images_of_the_eager_one():
+    def images(compile_teacher: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        net = IncrementalClassifier(SmallCNN(1, width=4))
+        net.head.grow(2)
+        net.eval()
+        torch.manual_seed(1)
+        e = PixelInversion(steps=3, batch_size=8, lr=0.1, progress=False, compile=compile_teacher)
+        e.setup((1, 8, 8), (torch.full((1, 1, 1), -1.0), torch.full((1, 1, 1), 2.0)))
+        return e.synthesize(net, [0, 1], 8)[0]
+
+    assert torch.allclose(images(True), images(False), atol=1e-4)

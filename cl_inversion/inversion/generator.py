@@ -30,6 +30,7 @@ from cl_inversion.inversion.common import (
     SynthesisProgress,
     SynthesisStats,
     autocast,
+    compiled,
     frozen_eval,
     gaussian_blur,
     memory_format,
@@ -74,11 +75,11 @@ class GeneratorInversion:
     def __init__(self, steps: int = 10000, batch_size: int = 128, lr: float = 1e-3, z_dim: int = 1000,
                  content_temperature: float = 1000.0, content_weight: float = 1.0, diversity_weight: float = 1.0,
                  bn_weight: float = 50.0, smooth_weight: float = 1e-3, keep_across_tasks: bool = True,
-                 bn_reduction: str = "mean", precision: str = "32", channels_last: bool = False,
+                 bn_reduction: str = "mean", precision: str = "32", channels_last: bool = False, compile: bool = False,
                  nan_retries: int = 0, progress: bool = True, log_every: int = 10) -> None:
         if str(precision) not in PRECISIONS:
             raise ConfigError(f"inversion.{self.name}.precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
-        self.precision, self.channels_last = str(precision), channels_last
+        self.precision, self.channels_last, self.compile = str(precision), channels_last, compile
         if bn_reduction not in ("mean", "sum"):
             raise ConfigError(f"inversion.{self.name}.bn_reduction={bn_reduction!r}: choose mean (ABD, cl-lite) or sum")
         self.bn_reduction = bn_reduction
@@ -129,13 +130,14 @@ class GeneratorInversion:
         with frozen_eval(teacher), BNStatistics(teacher) as bn, memory_format(teacher, self.channels_last):
             if not len(bn):
                 self.stats.notes.append("teacher has no BatchNorm layer: BN-statistics term disabled")
+            model = compiled(teacher, self.compile)
             try:
                 for _ in range(self.steps):
                     with autocast(self.precision, device):
                         images = generator.sample(self.batch_size)
                         if self.channels_last:
                             images = images.contiguous(memory_format=torch.channels_last)
-                        terms = self.loss_terms(teacher, bn, images, n_classes)
+                        terms = self.loss_terms(model, bn, images, n_classes)
                     loss = terms["loss"]
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()

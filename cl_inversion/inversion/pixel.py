@@ -30,6 +30,7 @@ from cl_inversion.inversion.common import (
     SynthesisStats,
     autocast,
     balanced_labels,
+    compiled,
     cosine_lr,
     frozen_eval,
     jitter_flip,
@@ -51,11 +52,11 @@ class PixelInversion:
                  bn_weight: float = 10.0, first_bn_multiplier: float = 1.0, tv_weight: float = 2.5e-5,
                  l2_weight: float = 0.0, jitter: int = 2, flip: bool = False,
                  betas: Sequence[float] = (0.9, 0.999), lr_schedule: str = "constant", precision: str = "32",
-                 channels_last: bool = False, nan_retries: int = 0, progress: bool = True,
+                 channels_last: bool = False, compile: bool = False, nan_retries: int = 0, progress: bool = True,
                  log_every: int = 10) -> None:
         if str(precision) not in PRECISIONS:
             raise ConfigError(f"inversion.pixel.precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
-        self.precision, self.channels_last = str(precision), channels_last
+        self.precision, self.channels_last, self.compile = str(precision), channels_last, compile
         if lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"inversion.pixel.lr_schedule={lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
         self.betas, self.lr_schedule = tuple(float(b) for b in betas), lr_schedule
@@ -81,9 +82,10 @@ class PixelInversion:
         with frozen_eval(teacher), BNStatistics(teacher) as bn, memory_format(teacher, self.channels_last):
             if not len(bn):
                 self.stats.notes.append("teacher has no BatchNorm layer: BN-statistics term disabled")
+            model = compiled(teacher, self.compile)
             for start in range(0, n, self.batch_size):
                 targets = labels[start : start + self.batch_size].to(device)
-                chunks.append(self._optimise(teacher, bn, targets, start // self.batch_size))
+                chunks.append(self._optimise(model, bn, targets, start // self.batch_size))
         return torch.cat(chunks), labels
 
     def _optimise(self, teacher: nn.Module, bn: BNStatistics, targets: Tensor, chunk: int) -> Tensor:
