@@ -172,3 +172,16 @@ def test_compiled_teacher_gives_the_images_of_the_eager_one():
         return e.synthesize(net, [0, 1], 8)[0]
 
     assert torch.allclose(images(True), images(False), atol=1e-4)
+
+
+def test_off_a_terminal_synthesis_progress_is_log_lines(caplog):
+    import logging
+
+    net = teacher()
+    e = PixelInversion(steps=20, batch_size=8, progress=True, log_every=5)  # pytest's stderr is no terminal
+    e.setup((3, 8, 8), PIXEL_RANGE)
+    with caplog.at_level(logging.INFO, logger="cl_inversion"):
+        e.synthesize(net, [0, 1], 8)
+    lines = [r.getMessage() for r in caplog.records if "DeepInversion batch 0" in r.getMessage()]
+    assert lines and lines[-1].startswith("DeepInversion batch 0: step 20/20 | loss ")
+    assert len(lines) <= 2  # a short synthesis: the last line (and one per minute for long ones)

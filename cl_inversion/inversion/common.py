@@ -3,7 +3,10 @@ class-balanced targets, mixed precision, the synthesis progress bar and its defe
 
 from __future__ import annotations
 
+import logging
 import math
+import sys
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -13,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+
+log = logging.getLogger("cl_inversion")
 
 
 class SynthesisError(RuntimeError):
@@ -182,6 +187,9 @@ class SynthesisStats:
     notes: list[str] = field(default_factory=list)
 
 
+LOG_LINE_S = 60.0  # seconds between synthesis progress lines when stderr is not a terminal
+
+
 class SynthesisProgress:
     """A tqdm bar (ETA included) showing the current loss terms; records the loss curve; and the NaN guard.
 
@@ -199,6 +207,9 @@ class SynthesisProgress:
         self.checked = 0  # steps already known to be finite
         self.engine, self.hint = engine, hint
         self.bad: Tensor | None = None
+        # no bar in a log file (cluster jobs): a line per minute and one at the end instead
+        self.desc, self.log_lines = desc, enabled and not sys.stderr.isatty()
+        self.last_line = time.monotonic()
 
     def update(self, terms: dict[str, Tensor | float], loss: Tensor | None = None) -> None:
         self.step += 1
@@ -225,6 +236,10 @@ class SynthesisProgress:
             values[name] = next(it) if isinstance(terms[name], Tensor) else float(terms[name])
         self.stats.curve.append({"step": self.step, **values})
         self.bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()}, refresh=False)
+        if self.log_lines and (self.step == self.bar.total or time.monotonic() - self.last_line >= LOG_LINE_S):
+            self.last_line = time.monotonic()
+            terms = " ".join(f"{k} {v:.3g}" for k, v in values.items())
+            log.info(f"{self.desc}: step {self.step}/{self.bar.total} | {terms}")
 
     def close(self) -> None:
         self.bar.close()
