@@ -120,7 +120,7 @@ def make_with(**kwargs):
 def test_digits_get_the_method_budget_and_it_can_be_turned_off(compose):
     digits = compose([])  # pmi on digits: conf/method_budget/pmi_digits.yaml
     assert (digits.method.finetune_scope, digits.method.finetune_loss) == ("all", "balanced_softmax")
-    assert compose(["method=rdfcil"]).method.rkd_scale == digits.method.rkd_scale == 5.0
+    assert compose(["method=rdfcil"]).method.rkd_scale == 5.0 and digits.method.rkd_scale == 1.25
     for overrides in (["~method_budget"], ["dataset=imagefolder"], ["experiment=pmi_cifar100_10t"],
                       ["experiment=pmi_cifar100_10t", "+smoke=digits"]):
         cfg = compose(overrides)
