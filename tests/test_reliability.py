@@ -116,7 +116,8 @@ def test_sigkill_after_second_task_then_resume_matches_uninterrupted(tmp_path, m
     out_resumed, out_requeued = finish(resumed), finish(requeued)
     finish(full)
 
-    assert "resuming" in out_resumed and "after task" in out_resumed
+    # task_1.ckpt first appears right after task 1's training (before synthesis) for the inversion methods
+    assert "resuming" in out_resumed and ("after task" in out_resumed or "after the training of task" in out_resumed)
     assert "SLURM requeue" in out_requeued and "resuming" in out_requeued
     assert "task 1/5" not in out_resumed  # task 0 was not trained again
     assert_same_run(tmp_path / "full", killed_dir)
