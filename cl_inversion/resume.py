@@ -15,13 +15,18 @@ RNG state at the start of task t depends on (seed, t) alone, not on what ran bef
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import random
+import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cl_inversion.errors import ConfigError, user_error
@@ -160,8 +165,6 @@ def holds_a_run(run_dir: Path) -> bool:
     if not path.is_file():
         return False
     try:
-        import json
-
         return int(json.loads(path.read_text()).get("tasks_completed", 0)) > 0
     except (ValueError, OSError):
         return True  # unreadable: treat as a run, never overwrite it silently
@@ -175,8 +178,6 @@ def claim_run_dir(run_dir: Path, overwrite: bool) -> None:
         if not overwrite:
             raise ConfigError(f"{run_dir} already holds a run (results.json / checkpoints); continue it with "
                               "resume=true, start it over with overwrite=true, or pick another hydra.run.dir")
-        import shutil
-
         for name in RUN_OUTPUTS:
             path = run_dir / name
             if path.is_dir():
@@ -189,8 +190,6 @@ def claim_run_dir(run_dir: Path, overwrite: bool) -> None:
 
 def keep_hydra_record(run_dir: Path) -> None:
     """Copy this start's `.hydra/` to `.hydra_original/` (what `restore_hydra_record` puts back)."""
-    import shutil
-
     source, target = Path(run_dir) / ".hydra", Path(run_dir) / HYDRA_RECORD
     if not source.is_dir():
         return
@@ -204,8 +203,6 @@ def keep_hydra_record(run_dir: Path) -> None:
 def restore_hydra_record(run_dir: Path) -> None:
     """A refused start (config differs, directory taken, bad input) must not leave its own config as the
     record of the run in that directory: Hydra wrote `.hydra/` before the run began; put the original back."""
-    import shutil
-
     record, hydra_dir = Path(run_dir) / HYDRA_RECORD, Path(run_dir) / ".hydra"
     if not record.is_dir():
         return
@@ -219,11 +216,6 @@ def restore_hydra_record(run_dir: Path) -> None:
 def rng_state() -> dict[str, Any]:
     """Python, NumPy and torch (CPU and CUDA) generator states: a run resumed between training and synthesis
     continues with the randomness an uninterrupted run would have had there."""
-    import random
-
-    import numpy as np
-    import torch
-
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -231,11 +223,6 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    import random
-
-    import numpy as np
-    import torch
-
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
