@@ -85,3 +85,22 @@ def test_not_an_image_fails_naming_the_file(tmp_path, cache_dir):
     junk.write_text("not an image\n")
     with pytest.raises(ConfigError, match="notes.txt"):
         imagefolder(str(root))
+
+
+def test_decoding_a_folder_logs_its_progress_and_the_cache_is_quiet(tmp_path, cache_dir, caplog, monkeypatch):
+    import cl_inversion.data.datasets as datasets
+
+    root = tiny_folder(tmp_path / "data", train=3)
+    monkeypatch.setattr(datasets, "DECODE_LINE_S", 0.0)  # a progress line at every image
+    with caplog.at_level("INFO", logger="cl_inversion"):
+        imagefolder(str(root), augment=False)
+    lines = [r.getMessage() for r in caplog.records]
+    train = str(root / "train")
+    assert f"decoding 6 images of {train} (once: later runs read the decoded cache)" in lines
+    assert any(line.startswith(f"decoding {train}: 3/6 images") for line in lines)
+    assert any(line.startswith(f"decoded 6 images of {train} in ") for line in lines)
+    assert any(line.startswith(f"decoded 2 images of {root / 'test'} in ") for line in lines)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="cl_inversion"):
+        imagefolder(str(root), augment=False)  # from the cache: nothing decoded
+    assert not [r for r in caplog.records if "decod" in r.getMessage()]

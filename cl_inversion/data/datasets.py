@@ -7,7 +7,9 @@ per-epoch cost is tensor augmentation only, never JPEG decoding or PIL conversio
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,8 @@ from cl_inversion.errors import ConfigError
 from cl_inversion.io import save_checkpoint
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+log = logging.getLogger("cl_inversion")
+DECODE_LINE_S = 10.0  # seconds between decode progress lines
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # CIFAR-10 (ABD dataloaders/utils.py `dataset_stats`)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)  # CIFAR-100, same source
@@ -201,10 +205,18 @@ def _folder_fingerprint(base: Path, class_names: list[str]) -> str:
 
 
 def _decode_folder(folder: Path, class_names: list[str], image_size: int | None) -> tuple[Tensor, Tensor]:
+    """Decode every image of `folder` (one log line at the start, one every `DECODE_LINE_S` seconds and
+    one at the end: a first run on a large folder is not silent)."""
     from PIL import Image
 
+    files = _folder_files(folder, class_names)
+    began = last_line = time.monotonic()
+    log.info(f"decoding {len(files)} images of {folder} (once: later runs read the decoded cache)")
     images, targets = [], []
-    for label, file in _folder_files(folder, class_names):
+    for done, (label, file) in enumerate(files):
+        if time.monotonic() - last_line >= DECODE_LINE_S:
+            last_line = time.monotonic()
+            log.info(f"decoding {folder}: {done}/{len(files)} images, {last_line - began:.0f}s")
         try:
             with Image.open(file) as img:
                 img = img.convert("RGB")
@@ -216,6 +228,7 @@ def _decode_folder(folder: Path, class_names: list[str], image_size: int | None)
             raise ConfigError(f"dataset.root: cannot decode image {str(file)!r} ({reason}); "
                               "remove or replace that file") from None
         targets.append(label)
+    log.info(f"decoded {len(files)} images of {folder} in {time.monotonic() - began:.1f}s")
     return torch.stack(images).permute(0, 3, 1, 2).contiguous(), torch.tensor(targets)
 
 
