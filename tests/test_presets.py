@@ -95,7 +95,7 @@ def test_abd_presets_use_published_generator_budget(compose):
 
 @pytest.mark.slow
 def test_every_preset_smoke_runs(tmp_path):
-    """All composable presets' smoke variants in one multirun (one process: no per-run start-up)."""
+    """Every paper preset's smoke variant in one multirun (one process: no per-run start-up)."""
     run_cli("-m", f"experiment={','.join(PRESETS)}", "+smoke=digits", f"hydra.sweep.dir={tmp_path}",
             "hydra.sweep.subdir=${hydra.job.num}", timeout=900)
     done = {}
