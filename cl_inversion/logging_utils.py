@@ -19,8 +19,8 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, Wand
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-SUMMARY_KEYS = ("final_accuracy", "average_incremental_accuracy", "forgetting", "backward_transfer",
-                "old_class_accuracy", "new_class_accuracy", "task_aware_accuracy")
+from cl_inversion.metrics import SUMMARY_KEYS
+from cl_inversion.results import RunResults
 
 
 def _sweep_name() -> str | None:
@@ -100,42 +100,42 @@ def after_fit(logger: Logger | bool) -> None:
 
 
 @rank_zero_only
-def log_task(logger: Logger | bool, results: dict[str, Any], task: int) -> None:
+def log_task(logger: Logger | bool, results: RunResults, task: int) -> None:
     """After task `task`'s evaluation: its accuracy row and average, old/new-class accuracy (step = task)."""
     if not logger:
         return
-    last = results["per_task"][-1]
-    metrics = {f"eval/accuracy_task_{j}": a for j, a in enumerate(last["accuracy"])}
-    metrics["eval/average_accuracy"] = last["average_accuracy"]
-    metrics["eval/new_class_accuracy"] = last["new_class_accuracy"]
-    if last["old_class_accuracy"] is not None:
-        metrics["eval/old_class_accuracy"] = last["old_class_accuracy"]
+    last = results.per_task[-1]
+    metrics = {f"eval/accuracy_task_{j}": a for j, a in enumerate(last.accuracy)}
+    metrics["eval/average_accuracy"] = last.average_accuracy
+    metrics["eval/new_class_accuracy"] = last.new_class_accuracy
+    if last.old_class_accuracy is not None:
+        metrics["eval/old_class_accuracy"] = last.old_class_accuracy
     logger.log_metrics(metrics, step=task)
     logger.save()
 
 
 @rank_zero_only
-def log_final(logger: Logger | bool, results: dict[str, Any], run_dir: Path) -> None:
+def log_final(logger: Logger | bool, results: RunResults, run_dir: Path) -> None:
     """End of run: summary scalars everywhere; accuracy-matrix table, heatmap and run.summary on W&B."""
     if not logger:
         return
-    scalars = {k: results[k] for k in SUMMARY_KEYS if results.get(k) is not None}
-    logger.log_metrics({f"summary/{k}": v for k, v in scalars.items()}, step=len(results["accuracy_matrix"]))
+    scalars = {k: results.summary[k] for k in SUMMARY_KEYS if results.summary.get(k) is not None}
+    logger.log_metrics({f"summary/{k}": v for k, v in scalars.items()}, step=len(results.accuracy_matrix))
     from cl_inversion.plots import accuracy_heatmap
 
-    heatmap = accuracy_heatmap(results["accuracy_matrix"], run_dir / "accuracy_matrix.png",
-                               title=f"{results['method']} on {results['dataset']}")
+    heatmap = accuracy_heatmap(results.accuracy_matrix, run_dir / "accuracy_matrix.png",
+                               title=f"{results.method} on {results.dataset}")
     log_image(logger, "accuracy_matrix_heatmap", heatmap)
     if isinstance(logger, WandbLogger):
         import wandb
 
-        matrix = results["accuracy_matrix"]
+        matrix = results.accuracy_matrix
         n = len(matrix)
         columns = ["after_task"] + [f"task_{j}" for j in range(n)]
         rows = [[i] + [row[j] if j < len(row) else None for j in range(n)] for i, row in enumerate(matrix)]
         logger.experiment.log({"accuracy_matrix": wandb.Table(columns=columns, data=rows)})
-        logger.experiment.summary.update(scalars | {"tasks_completed": results["tasks_completed"],
-                                                    "status": results["status"]})
+        logger.experiment.summary.update(scalars | {"tasks_completed": results.tasks_completed,
+                                                    "status": results.status})
 
 
 def finish(logger: Logger | bool, status: str) -> None:

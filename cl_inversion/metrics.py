@@ -86,6 +86,10 @@ def evaluate(net: nn.Module, test_loaders: Sequence[DataLoader], task_classes: S
     return Evaluation(agnostic, aware, old, agnostic[-1])
 
 
+SUMMARY_KEYS = ("final_accuracy", "average_incremental_accuracy", "forgetting", "backward_transfer",
+                "old_class_accuracy", "new_class_accuracy", "task_aware_accuracy")
+
+
 def summary(matrix: Matrix, task_aware_matrix: Matrix, last: Evaluation) -> dict[str, float | None]:
     """The scalar results of a run (or of the tasks completed so far)."""
     return {

@@ -30,7 +30,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cl_inversion.errors import ConfigError, user_error
-from cl_inversion.io import CorruptCheckpointError, load_checkpoint, write_json
+from cl_inversion.hydra_context import hydra_choices
+from cl_inversion.inversion.callback import ContinualCallback
+from cl_inversion.io import CHECKPOINT_FORMAT, CorruptCheckpointError, load_checkpoint, write_json
+from cl_inversion.methods.base import ContinualModule
 
 log = logging.getLogger("cl_inversion")
 
@@ -79,6 +82,50 @@ def load_resume_state(latest: Path, fallback: bool = False) -> tuple[dict[str, A
             log.warning(f"{err}; resume_fallback=true: moving it to {path.name}.corrupt and trying the one before")
             path.replace(path.with_name(path.name + ".corrupt"))
     raise CorruptCheckpointError(f"no intact checkpoint left in {latest.parent} to resume from")
+
+
+def checkpoint_state(method: ContinualModule, task: int, results: dict[str, Any],
+                     callbacks: list[Any] | None = None) -> dict[str, Any]:
+    """Everything a resumed run needs after `task`: weights, head sizes, method and callback state, and the
+    results so far (results.json's form)."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "task": task,
+        "task_sizes": list(method.task_sizes),
+        "net": method.net.state_dict(),
+        "method": method.extra_state(),
+        "results": results,
+        "callbacks": callback_states(callbacks or []),
+    }
+
+
+def restore(method: ContinualModule, state: dict[str, Any], callbacks: list[Any] | None = None,
+            source: Path | str = "checkpoint") -> None:
+    """Put a method (and the run's callbacks) back in their state after `state['task']`; the head is
+    rebuilt before loading weights."""
+    for size in state["task_sizes"]:
+        method.net.head.grow(size)
+    method.task_sizes = list(state["task_sizes"])
+    method.task = state["task"]
+    method.net.load_state_dict(state["net"])
+    method.restore_state(state["method"])
+    load_callback_states(callbacks or [], state.get("callbacks", {}), source)
+    for cb in callbacks or []:
+        if isinstance(cb, ContinualCallback):
+            cb.on_restore(method)
+
+
+def config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Keys whose values differ between a checkpoint's config and this start's (what may change on resume
+    is ignored: resume, resume_fallback, overwrite, experiment_name)."""
+    keys = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += config_diff(a, b, f"{prefix}{key}.")
+        elif a != b and key not in ("resume", "resume_fallback", "experiment_name", "overwrite"):
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 def callback_states(callbacks: Iterable[object]) -> dict[str, Any]:
@@ -140,8 +187,6 @@ def failure_recorded(results_path: Path, cfg: DictConfig) -> Iterator[None]:
                 config = OmegaConf.to_container(cfg, resolve=True)
             except Exception:
                 config = None
-            from cl_inversion.run import hydra_choices
-
             choices = hydra_choices()
             write_json(results_path, {**failure_fields(err), "tasks_completed": 0, "accuracy_matrix": [],
                                       "n_tasks": cfg.scenario.n_tasks, "seed": cfg.seed,

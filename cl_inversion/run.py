@@ -1,16 +1,17 @@
-"""The task loop: for each task a fresh Trainer.fit, then evaluation on every task seen so far.
+"""The experiment: built from the config, then the task loop — for each task a fresh Trainer.fit, the
+between-task step (synthesis), evaluation on every task seen so far, and the record of it.
 
 `run(cfg)` is the whole experiment; the CLI (`python -m cl_inversion`) and notebooks both call it:
 
-    with hydra.initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = hydra.compose("config", overrides=["method=lwf"])
-    results = run(cfg, run_dir="outputs/notebook")
+    cfg = compose(["method=lwf"])                   # hydra.compose on the same conf/ tree
+    results = run(cfg, run_dir="outputs/notebook")  # RunResults; results["final_accuracy"] reads results.json's keys
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -27,21 +28,24 @@ from cl_inversion.data.datasets import DatasetBundle
 from cl_inversion.data.scenario import ClassIncrementalScenario
 from cl_inversion.entry import REPO_CONFIG_DIR, config_dir
 from cl_inversion.errors import ConfigError, TrainingDiverged
+from cl_inversion.hydra_context import hydra_choices, resolve_run_dir
 from cl_inversion.inversion.callback import ContinualCallback, TaskContext
-from cl_inversion.io import CHECKPOINT_FORMAT, save_checkpoint, write_json
+from cl_inversion.io import save_checkpoint, write_json
 from cl_inversion.methods.base import ContinualModule, state_bytes
-from cl_inversion.metrics import evaluate, summary
+from cl_inversion.methods.inversion_student import InversionStudent
+from cl_inversion.metrics import Evaluation, evaluate
 from cl_inversion.models.head import IncrementalClassifier
 from cl_inversion.provenance import now, provenance
+from cl_inversion.results import RunResults, TaskRecord
 from cl_inversion.resume import (
-    callback_states,
+    checkpoint_state,
     claim_run_dir,
+    config_diff,
     failure_fields,
     failure_recorded,
     find_resume_checkpoint,
-    latest_checkpoint,  # noqa: F401  (re-exported: run.latest_checkpoint)
-    load_callback_states,
     load_resume_state,
+    restore,
     restore_hydra_record,
     rng_state,
     set_rng_state,
@@ -89,10 +93,11 @@ def build_method(cfg: DictConfig) -> ContinualModule:
 
 
 def build_inversion(cfg: DictConfig, method: ContinualModule) -> list[L.Callback]:
-    """The inversion callback when the method names a synthesis engine (`method.inversion`)."""
-    name = method.inversion
-    if not name:
+    """The inversion callback for a student that replays synthetic data, running the engine the config
+    names (`method.inversion`: a key of the `inversion` config)."""
+    if not isinstance(method, InversionStudent):
         return []
+    name = cfg.method.get("inversion")
     engines = {k: v for k, v in cfg.inversion.items() if isinstance(v, DictConfig) and "_target_" in v}
     if name not in engines:
         raise ConfigError(f"method.inversion={name!r} is not a synthesis engine; choose one of {sorted(engines)}")
@@ -106,6 +111,7 @@ def build_inversion(cfg: DictConfig, method: ContinualModule) -> list[L.Callback
 
 
 def build_logger(cfg: DictConfig, run_dir: Path) -> Any:
+    """The run's logger (`logger=` group), or False."""
     return logging_utils.build_logger(cfg, run_dir, hydra_choices())
 
 
@@ -161,8 +167,6 @@ def quiet_lightning() -> None:
 def progress_bar(cfg: DictConfig) -> dict[str, bool]:
     """`trainer.enable_progress_bar: null`: a bar on a terminal, none in a log file (a bar floods it)."""
     if cfg.trainer.get("enable_progress_bar", True) is None:
-        import sys
-
         return {"enable_progress_bar": sys.stderr.isatty()}
     return {}
 
@@ -194,38 +198,8 @@ def task_seed(seed: int, task: int) -> int:
     return seed * 1000 + task
 
 
-def _config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += _config_diff(a, b, f"{prefix}{key}.")
-        elif a != b and key not in ("resume", "resume_fallback", "experiment_name", "overwrite"):
-            keys.append(f"{prefix}{key}")
-    return keys
-
-
-def resolve_run_dir(run_dir: str | Path | None) -> Path:
-    if run_dir is not None:
-        return Path(run_dir)
-    from hydra.core.hydra_config import HydraConfig
-
-    if HydraConfig.initialized():
-        return Path(HydraConfig.get().runtime.output_dir)
-    return Path("outputs") / time.strftime("%Y-%m-%d_%H-%M-%S")
-
-
-def hydra_choices() -> dict[str, str]:
-    """The config-group options picked (method=..., dataset=...) when running under Hydra's main."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return {}
-    return {k: v for k, v in HydraConfig.get().runtime.choices.items() if isinstance(v, str)}
-
-
-def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
-    """Run one continual-learning experiment; returns (and writes) the results dict.
+def run(cfg: DictConfig, run_dir: str | Path | None = None) -> RunResults:
+    """Run one continual-learning experiment; returns (and writes) its results.
 
     The config is validated before anything is written; a run that fails leaves a results.json with
     `status: failed` (or `interrupted`) and the error, unless the directory already holds another run's.
@@ -236,156 +210,185 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     run_dir = resolve_run_dir(run_dir)
     with failure_recorded(run_dir / "results.json", cfg):
         try:
-            return _run(cfg, run_dir)
+            return TaskLoop(cfg, run_dir).run()
         except ConfigError:
             restore_hydra_record(run_dir)  # a refused start leaves the directory's run recorded as it was
             raise
 
 
-def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    choices = hydra_choices()
-    validate_config(cfg, {"dataset": {k: int for k in LOADER_KEYS}})
-    check_budget(cfg)
-    threads, threads_source = set_job_threads(cfg.get("threads"))
-    config = OmegaConf.to_container(cfg, resolve=True)
-    resume_from = find_resume_checkpoint(run_dir, cfg.resume)
+class TaskLoop:
+    """One experiment, step by step: `build` (dataset, scenario, method, callbacks), `restore` (a checkpoint,
+    when resuming), then for every task `train_task` → `between_tasks` → `evaluate` → `record`."""
 
-    L.seed_everything(cfg.seed, verbose=False)
-    bundle = build_dataset(cfg)
-    scenario = build_scenario(cfg, bundle)
-    check_scenario(scenario, bundle)
-    method = build_method(cfg)
-    callbacks = build_callbacks(cfg, method)
+    def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.results_path = self.run_dir / "results.json"
+        self.boundary: dict[str, Any] | None = None  # a checkpoint taken between training and synthesis
 
-    results: dict[str, Any] = {
-        "status": "running",
-        "tasks_completed": 0,
-        "accuracy_matrix": [],
-        "task_aware_matrix": [],
-        "per_task": [],
-        "method": choices.get("method", type(method).__name__.lower()),
-        "dataset": choices.get("dataset", bundle.name),
-        "backbone": choices.get("backbone", type(method.net.backbone).__name__.lower()),
-        "n_tasks": len(scenario),
-        "class_order": scenario.class_order,
-        "class_names": scenario.class_names,
-        "seed": cfg.seed,
-        "class_order_seed": scenario.class_order_seed,
-        "threads": threads,
-        "provenance": None,  # filled in once the device is known (first Trainer)
-        "config": config,
-    }
-    start = 0
-    if resume_from is not None:
-        state, ckpt_path = load_resume_state(resume_from, cfg.get("resume_fallback", False))
-        diff = _config_diff(state["results"]["config"], config)
+    # --- build ---------------------------------------------------------------------------------------
+    def build(self) -> None:
+        cfg = self.cfg
+        validate_config(cfg, {"dataset": {k: int for k in LOADER_KEYS}})
+        check_budget(cfg)
+        self.threads, self.threads_source = set_job_threads(cfg.get("threads"))
+        self.config = OmegaConf.to_container(cfg, resolve=True)
+        L.seed_everything(cfg.seed, verbose=False)
+        self.bundle = build_dataset(cfg)
+        self.scenario = build_scenario(cfg, self.bundle)
+        check_scenario(self.scenario, self.bundle)
+        self.method = build_method(cfg)
+        self.callbacks = build_callbacks(cfg, self.method)
+        choices, method, scenario = hydra_choices(), self.method, self.scenario
+        self.results = RunResults(
+            method=choices.get("method", type(method).__name__.lower()),
+            dataset=choices.get("dataset", self.bundle.name),
+            backbone=choices.get("backbone", type(method.net.backbone).__name__.lower()),
+            n_tasks=len(scenario), class_order=scenario.class_order, class_names=scenario.class_names,
+            seed=cfg.seed, class_order_seed=scenario.class_order_seed, threads=self.threads, config=self.config)
+
+    def restore(self, checkpoint: Path) -> int:
+        """Put the method, callbacks and results back as checkpointed; returns the task to continue with."""
+        state, ckpt_path = load_resume_state(checkpoint, self.cfg.get("resume_fallback", False))
+        diff = config_diff(state["results"]["config"], self.config)
         if diff:
             raise ConfigError(f"cannot resume {ckpt_path}: the config differs from the checkpoint's in: "
                               f"{', '.join(diff)}")
-        restore(method, state, callbacks, source=ckpt_path)
-        results = state["results"]
+        restore(self.method, state, self.callbacks, source=ckpt_path)
+        self.results = RunResults.from_dict(state["results"])
+        self.results.threads = self.threads
         trained = state.get("stage") == "trained"  # killed between training and synthesis: keep the training
-        start = state["task"] if trained else state["task"] + 1
-        boundary = state if trained else None
-        results["threads"] = threads
+        self.boundary = state if trained else None
         where = f"the training of task {state['task']} (synthesis next)" if trained else f"task {state['task']}"
-        log.info(f"resuming {run_dir} after {where} ({ckpt_path.name})")
-    else:
-        boundary = None
-        claim_run_dir(run_dir, cfg.get("overwrite", False))
-    logger = build_logger(cfg, run_dir)
+        log.info(f"resuming {self.run_dir} after {where} ({ckpt_path.name})")
+        return state["task"] if trained else state["task"] + 1
 
-    results_path = run_dir / "results.json"
-    batch_size = cfg.dataset.batch_size
-    try:
-        for t in range(start, len(scenario)):
-            L.seed_everything(task_seed(cfg.seed, t), verbose=False)
-            task = scenario.tasks[t]
-            datamodule = scenario.datamodule(t, batch_size, cfg.dataset.num_workers,
-                                             cumulative=method.uses_all_data, seed=task_seed(cfg.seed, t))
-            resumed_trained = boundary is not None and t == start
-            if resumed_trained:  # the head, weights and method state are task t's after training
-                method.is_last_task = t == len(scenario) - 1
-            else:
-                method.begin_task(t, len(task.classes), datamodule, is_last=t == len(scenario) - 1)
-            trainer: L.Trainer = instantiate(cfg.trainer, logger=logger, default_root_dir=str(run_dir),
-                                             callbacks=[*callbacks, FiniteLossGuard(t, len(scenario))],
-                                             **cluster_plugins(cfg), **progress_bar(cfg))
-            device = trainer.strategy.root_device
-            if t == start:
-                log.info(f"{'resuming' if start else 'starting'} {results['method']} on {results['dataset']} "
-                         f"({results['backbone']}), seed {cfg.seed}, {len(scenario)} tasks, {device}, "
-                         f"{threads} threads ({threads_source}) | {run_dir}")
-            if results.get("provenance") is None:
-                results["provenance"] = provenance(str(device))
-            task_began = time.perf_counter()
-            if resumed_trained:
-                train_s = boundary["train_time_s"]
-                set_rng_state(boundary["rng"])
-                method.net.to(device)
-            else:
-                if t == 0:  # zero-shot retention baseline (CLIP backbones only; no-op otherwise)
-                    record_zero_shot(results, method.net.backbone, scenario, batch_size, device)
-                began = time.perf_counter()
-                trainer.fit(method, datamodule=datamodule)
-                logging_utils.after_fit(logger)
-                train_s = time.perf_counter() - began
-                method.net.to(device)  # fit's teardown left the module on the CPU
-                method.end_task(datamodule)
-                synthesises = t < len(scenario) - 1 and any(isinstance(cb, ContinualCallback) for cb in callbacks)
-                if synthesises and cfg.checkpoint and trainer.is_global_zero:
-                    # the task's training survives a crash or Ctrl-C during synthesis: resume starts there
-                    save_checkpoint(run_dir / "checkpoints" / f"task_{t}.ckpt",
-                                    {**checkpoint_state(method, t, results, callbacks), "stage": "trained",
-                                     "train_time_s": train_s, "rng": rng_state()})
-            context = TaskContext(t, run_dir, logger, datamodule, bundle.image_shape, bundle.pixel_range(),
-                                  bundle.mean, bundle.std, device)
-            for callback in callbacks:
-                if isinstance(callback, ContinualCallback):
-                    callback.on_task_end(method, context)
-                    results.update(callback.results())
+    # --- the loop ------------------------------------------------------------------------------------
+    def run(self) -> RunResults:
+        self.build()
+        checkpoint = find_resume_checkpoint(self.run_dir, self.cfg.resume)
+        if checkpoint is not None:
+            start = self.restore(checkpoint)
+        else:
+            start = 0
+            claim_run_dir(self.run_dir, self.cfg.get("overwrite", False))
+        self.logger = build_logger(self.cfg, self.run_dir)
+        try:
+            for t in range(start, len(self.scenario)):
+                self.task(t, first=t == start, resumed=bool(start))
+        except BaseException as err:
+            if self.results.tasks_completed > 0 or not self.results_path.exists():  # never overwrite another run's
+                self.results.status, self.results.error = failure_fields(err).values()
+                write_json(self.results_path, self.results.to_dict())
+            logging_utils.finish(self.logger, "failed")
+            raise
+        logging_utils.log_final(self.logger, self.results, self.run_dir)
+        logging_utils.finish(self.logger, "success")
+        s = self.results.summary
+        log.info(f"final accuracy {s['final_accuracy']:.2f} | average incremental "
+                 f"{s['average_incremental_accuracy']:.2f} | forgetting {s['forgetting']:.2f} | "
+                 f"results: {self.results_path}")
+        return self.results
 
+    def task(self, t: int, first: bool, resumed: bool) -> None:
+        """Task t from start to record (a resumed boundary skips the training it already has)."""
+        cfg, scenario, method = self.cfg, self.scenario, self.method
+        L.seed_everything(task_seed(cfg.seed, t), verbose=False)
+        datamodule = scenario.datamodule(t, cfg.dataset.batch_size, cfg.dataset.num_workers,
+                                         cumulative=method.uses_all_data, seed=task_seed(cfg.seed, t))
+        at_boundary = self.boundary is not None and first
+        is_last = t == len(scenario) - 1
+        if at_boundary:  # the head, weights and method state are task t's after training
+            method.is_last_task = is_last
+        else:
+            method.begin_task(t, len(scenario.tasks[t].classes), datamodule, is_last=is_last)
+        trainer: L.Trainer = instantiate(cfg.trainer, logger=self.logger, default_root_dir=str(self.run_dir),
+                                         callbacks=[*self.callbacks, FiniteLossGuard(t, len(scenario))],
+                                         **cluster_plugins(cfg), **progress_bar(cfg))
+        device = trainer.strategy.root_device
+        if first:
+            self.announce(device, resumed)
+        if self.results.provenance is None:
+            self.results.provenance = provenance(str(device))
+        began = time.perf_counter()
+        if at_boundary:
+            train_s = self.boundary["train_time_s"]
+            set_rng_state(self.boundary["rng"])
             method.net.to(device)
-            row = evaluate(method.net, datamodule.test_dataloaders(),
-                           [scenario.tasks[j].classes for j in range(t + 1)], device)
-            record_zero_shot(results, method.net.backbone, scenario, batch_size, device)
-            results["accuracy_matrix"].append(row.accuracy)
-            results["task_aware_matrix"].append(row.task_aware)
-            results["per_task"].append({
-                "task": t, "classes": task.original_classes, "accuracy": row.accuracy,
-                "average_accuracy": sum(row.accuracy) / len(row.accuracy),
-                "old_class_accuracy": row.old_class_accuracy, "new_class_accuracy": row.new_class_accuracy,
-                "train_time_s": train_s,
-                "wall_s": time.perf_counter() - task_began,  # training, synthesis and evaluation
-            })
-            results["wall_s"] = results.get("wall_s", 0.0) + results["per_task"][-1]["wall_s"]
-            results["provenance"]["ended_at"] = now()
-            results.update(summary(results["accuracy_matrix"], results["task_aware_matrix"], row))
-            results["carried_state_bytes"] = method.carried_state_bytes() + sum(
-                state_bytes(cb.state_dict()) for cb in callbacks if hasattr(cb, "state_dict"))
-            results["tasks_completed"] = t + 1
-            results["status"] = "completed" if t == len(scenario) - 1 else "running"
-            if trainer.is_global_zero:
-                logging_utils.log_task(logger, results, t)
-                if cfg.checkpoint:
-                    save_checkpoint(run_dir / "checkpoints" / f"task_{t}.ckpt",
-                                    checkpoint_state(method, t, results, callbacks))
-                write_json(results_path, results)
-            log.info(f"task {t + 1}/{len(scenario)} | classes {task.original_classes} | "
-                     f"avg acc {results['per_task'][-1]['average_accuracy']:.2f} | "
-                     f"new {row.new_class_accuracy:.2f} | old {_fmt(row.old_class_accuracy)} | {train_s:.1f}s")
-    except BaseException as err:
-        if results["tasks_completed"] > 0 or not results_path.exists():  # never overwrite another run's
-            results.update(failure_fields(err))
-            write_json(results_path, results)
-        logging_utils.finish(logger, "failed")
-        raise
-    logging_utils.log_final(logger, results, run_dir)
-    logging_utils.finish(logger, "success")
-    log.info(f"final accuracy {results['final_accuracy']:.2f} | average incremental "
-             f"{results['average_incremental_accuracy']:.2f} | forgetting {results['forgetting']:.2f} | "
-             f"results: {results_path}")
-    return results
+        else:
+            train_s = self.train_task(t, trainer, datamodule, device)
+        self.between_tasks(t, datamodule, device)
+        evaluation = self.evaluate(t, datamodule, device)
+        self.record(t, trainer, evaluation, train_s, time.perf_counter() - began)
+
+    def announce(self, device: torch.device, resumed: bool) -> None:
+        r = self.results
+        log.info(f"{'resuming' if resumed else 'starting'} {r.method} on {r.dataset} ({r.backbone}), seed "
+                 f"{self.cfg.seed}, {len(self.scenario)} tasks, {device}, {self.threads} threads "
+                 f"({self.threads_source}) | {self.run_dir}")
+
+    def train_task(self, t: int, trainer: L.Trainer, datamodule: Any, device: torch.device) -> float:
+        """`Trainer.fit` on task t, the method's between-task hook, and a checkpoint before synthesis."""
+        method = self.method
+        if t == 0:  # zero-shot retention baseline (CLIP backbones only; no-op otherwise)
+            record_zero_shot(self.results.extra, method.net.backbone, self.scenario, self.cfg.dataset.batch_size,
+                             device)
+        began = time.perf_counter()
+        trainer.fit(method, datamodule=datamodule)
+        logging_utils.after_fit(self.logger)
+        train_s = time.perf_counter() - began
+        method.net.to(device)  # fit's teardown left the module on the CPU
+        method.end_task(datamodule)
+        synthesises = t < len(self.scenario) - 1 and any(isinstance(cb, ContinualCallback) for cb in self.callbacks)
+        if synthesises and self.cfg.checkpoint and trainer.is_global_zero:
+            # the task's training survives a crash or Ctrl-C during synthesis: resume starts there
+            save_checkpoint(self.checkpoint_path(t),
+                            {**checkpoint_state(method, t, self.results.to_dict(), self.callbacks), "stage": "trained",
+                             "train_time_s": train_s, "rng": rng_state()})
+        return train_s
+
+    def between_tasks(self, t: int, datamodule: Any, device: torch.device) -> None:
+        """The continual callbacks' step (synthesis for inversion methods), with the task's real data."""
+        bundle = self.bundle
+        context = TaskContext(t, self.run_dir, self.logger, datamodule, bundle.image_shape, bundle.pixel_range(),
+                              bundle.mean, bundle.std, device)
+        for callback in self.callbacks:
+            if isinstance(callback, ContinualCallback):
+                callback.on_task_end(self.method, context)
+                self.results.extra.update(callback.results())
+
+    def evaluate(self, t: int, datamodule: Any, device: torch.device) -> Evaluation:
+        """Accuracy on the test data of every task seen so far (one head over all seen classes)."""
+        self.method.net.to(device)
+        evaluation = evaluate(self.method.net, datamodule.test_dataloaders(),
+                              [self.scenario.tasks[j].classes for j in range(t + 1)], device)
+        record_zero_shot(self.results.extra, self.method.net.backbone, self.scenario, self.cfg.dataset.batch_size,
+                         device)
+        return evaluation
+
+    def record(self, t: int, trainer: L.Trainer, evaluation: Evaluation, train_s: float, wall_s: float) -> None:
+        """Row t of the matrices into the results, the loggers, the task's checkpoint and results.json."""
+        task, results = self.scenario.tasks[t], self.results
+        results.add_task(TaskRecord(task=t, classes=task.original_classes, accuracy=evaluation.accuracy,
+                                    average_accuracy=sum(evaluation.accuracy) / len(evaluation.accuracy),
+                                    old_class_accuracy=evaluation.old_class_accuracy,
+                                    new_class_accuracy=evaluation.new_class_accuracy, train_time_s=train_s,
+                                    wall_s=wall_s),
+                         evaluation, last=t == len(self.scenario) - 1)
+        results.provenance["ended_at"] = now()
+        results.carried_state_bytes = self.method.carried_state_bytes() + sum(
+            state_bytes(cb.state_dict()) for cb in self.callbacks if hasattr(cb, "state_dict"))
+        if trainer.is_global_zero:
+            logging_utils.log_task(self.logger, results, t)
+            if self.cfg.checkpoint:
+                save_checkpoint(self.checkpoint_path(t),
+                                checkpoint_state(self.method, t, results.to_dict(), self.callbacks))
+            write_json(self.results_path, results.to_dict())
+        log.info(f"task {t + 1}/{len(self.scenario)} | classes {task.original_classes} | "
+                 f"avg acc {results.per_task[-1].average_accuracy:.2f} | new {evaluation.new_class_accuracy:.2f} | "
+                 f"old {_fmt(evaluation.old_class_accuracy)} | {train_s:.1f}s")
+
+    def checkpoint_path(self, t: int) -> Path:
+        return self.run_dir / "checkpoints" / f"task_{t}.ckpt"
 
 
 def cluster_plugins(cfg: DictConfig) -> dict[str, Any]:
@@ -399,33 +402,3 @@ def cluster_plugins(cfg: DictConfig) -> dict[str, Any]:
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
-
-
-def checkpoint_state(method: ContinualModule, task: int, results: dict[str, Any],
-                     callbacks: list[Any] | None = None) -> dict[str, Any]:
-    """Everything a resumed run needs after `task`: weights, head sizes, method and callback state."""
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "task": task,
-        "task_sizes": list(method.task_sizes),
-        "net": method.net.state_dict(),
-        "method": method.extra_state(),
-        "results": results,
-        "callbacks": callback_states(callbacks or []),
-    }
-
-
-def restore(method: ContinualModule, state: dict[str, Any], callbacks: list[Any] | None = None,
-            source: Path | str = "checkpoint") -> None:
-    """Put a method (and the run's callbacks) back in their state after `state['task']`; the head is
-    rebuilt before loading weights."""
-    for size in state["task_sizes"]:
-        method.net.head.grow(size)
-    method.task_sizes = list(state["task_sizes"])
-    method.task = state["task"]
-    method.net.load_state_dict(state["net"])
-    method.restore_state(state["method"])
-    load_callback_states(callbacks or [], state.get("callbacks", {}), source)
-    for cb in callbacks or []:
-        if isinstance(cb, ContinualCallback):
-            cb.on_restore(method)

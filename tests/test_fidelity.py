@@ -130,7 +130,7 @@ def test_lwf_loss_is_abds_lwf_update():
 
 def test_deepinversion_student_is_abds_deepinversiongenbn_update():
     m = after_first_task(DeepInversion)
-    m.replay = BufferReplay(torch.randn(12, 1, 8, 8), torch.tensor([0, 1, 2, 3] * 3))
+    m.receive_replay(BufferReplay(torch.randn(12, 1, 8, 8), torch.tensor([0, 1, 2, 3] * 3)))
     x, y = torch.randn(6, 1, 8, 8), torch.tensor([4, 5] * 3)
     torch.manual_seed(3)
     terms = m.loss(x, y)
@@ -147,7 +147,7 @@ def test_deepinversion_student_is_abds_deepinversiongenbn_update():
 
 def test_abd_student_loss_by_hand():
     m = after_first_task(ABD)
-    m.replay = BufferReplay(torch.randn(12, 1, 8, 8), torch.tensor([0, 1, 2, 3] * 3))
+    m.receive_replay(BufferReplay(torch.randn(12, 1, 8, 8), torch.tensor([0, 1, 2, 3] * 3)))
     x, y = torch.randn(6, 1, 8, 8), torch.tensor([4, 5] * 3)
     torch.manual_seed(3)
     terms = m.loss(x, y)
@@ -198,7 +198,7 @@ def test_rdfcil_projection_is_fresh_each_task_and_twice_the_feature_width():
 
 def test_rdfcil_balancing_weights_come_from_counted_labels():
     m = after_first_task(RDFCIL)
-    m.replay = BufferReplay(torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3]))
+    m.receive_replay(BufferReplay(torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])))
     m.count_labels(torch.tensor([4, 4, 5, 5, 4, 5]), torch.tensor([0, 0, 1, 2, 3, 3]))
     m.on_train_epoch_end()
     counts = torch.tensor([2.0, 1, 1, 2, 3, 3])

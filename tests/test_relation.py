@@ -47,7 +47,7 @@ def test_loss_adds_local_ce_hkd_and_rkd_and_projection_is_trained():
     m.end_task(sc.datamodule(0, 8))
     m.begin_task(1, 2, sc.datamodule(1, 8))
     torch.manual_seed(1)
-    m.replay = BufferReplay(torch.randn(16, 1, 8, 8), torch.tensor([0, 1] * 8))
+    m.receive_replay(BufferReplay(torch.randn(16, 1, 8, 8), torch.tensor([0, 1] * 8)))
     with torch.no_grad():
         m.net.backbone.stem[0].weight.add_(0.05)
     x, y = torch.randn(6, 1, 8, 8), torch.tensor([2, 3] * 3)

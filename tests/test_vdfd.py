@@ -17,7 +17,7 @@ from cl_inversion.methods import VDFD
 from cl_inversion.methods.base import state_bytes
 from cl_inversion.methods.vdfd import GCN, compress, linearised, normalized_adjacency
 from cl_inversion.models import IncrementalClassifier, SmallCNN
-from cl_inversion.run import checkpoint_state, restore
+from cl_inversion.resume import checkpoint_state, restore
 
 SGD = functools.partial(torch.optim.SGD, lr=0.1)
 

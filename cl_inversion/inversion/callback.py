@@ -18,7 +18,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from cl_inversion.errors import ConfigError
 from cl_inversion.inversion.common import BNStatistics, frozen_eval
+from cl_inversion.inversion.engine import SynthesisEngine, missing_members
 
 
 @dataclass
@@ -71,7 +73,8 @@ def batched_features(net: nn.Module, images: Tensor, batch: int = 256) -> Tensor
 
 
 class InversionCallback(ContinualCallback):
-    """Runs `engine` at every task boundary except after the last task; replays its output next task.
+    """Runs `engine` (a `SynthesisEngine`, see `engine.py`) at every task boundary except after the last task
+and hands its replay to the student (`method.receive_replay`) for the next task.
 
     Per boundary it records (results.json `inversion`, loggers `inversion/*`): `wall_s`,
     `full_model_passes` (forward+backward passes of one batch through the whole teacher; per-layer
@@ -82,7 +85,12 @@ class InversionCallback(ContinualCallback):
     `inversion/task_<t>.png`.
     """
 
-    def __init__(self, engine: Any, n_images: int = 2560, grid: bool = True, metric_batch: int = 512) -> None:
+    def __init__(self, engine: SynthesisEngine, n_images: int = 2560, grid: bool = True,
+                 metric_batch: int = 512) -> None:
+        missing = missing_members(engine)
+        if missing:
+            raise ConfigError(f"{type(engine).__name__} is not a synthesis engine: it lacks {', '.join(missing)} "
+                              "(see cl_inversion/inversion/engine.py for the contract)")
         self.engine = engine
         self.n_images = n_images
         self.grid = grid
@@ -101,8 +109,7 @@ class InversionCallback(ContinualCallback):
         teacher = self.teacher_of(method).to(context.device)
         self.engine.setup(context.image_shape, context.pixel_range)
         began = time.perf_counter()
-        if hasattr(self.engine, "observe"):  # engines that model real features (PMI) see the task's data
-            self.engine.observe(teacher, context.datamodule.plain_train_dataloader(), self.images, self.labels)
+        self.engine.observe(teacher, context.datamodule.plain_train_dataloader(), self.images, self.labels)
         classes = list(range(method.n_seen))
         images, labels = self.engine.synthesize(teacher, classes, self.n_images)
         wall_s = time.perf_counter() - began
@@ -111,7 +118,7 @@ class InversionCallback(ContinualCallback):
                   "full_model_passes": self.engine.stats.full_model_passes,
                   **self.measure(teacher, self.images, self.labels, context), "notes": self.engine.stats.notes}
         self.history.append(record)
-        method.replay = self.engine.replay(teacher, self.images, self.labels)
+        method.receive_replay(self.engine.replay(teacher, self.images, self.labels))
         grid_path = self.save_grid(context) if self.grid else None
         self.log_record(context, record, grid_path)
 
@@ -178,4 +185,4 @@ class InversionCallback(ContinualCallback):
 
     def on_restore(self, method: Any) -> None:
         if self.images is not None and not method.is_last_task:
-            method.replay = self.engine.replay(self.teacher_of(method), self.images, self.labels)
+            method.receive_replay(self.engine.replay(self.teacher_of(method), self.images, self.labels))

@@ -7,15 +7,17 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+
+from cl_inversion.nn_utils import batchnorm_layers, frozen_eval  # noqa: F401  (frozen_eval: engines' teacher mode)
 
 log = logging.getLogger("cl_inversion")
 
@@ -59,7 +61,7 @@ class BNStatistics:
     """
 
     def __init__(self, net: nn.Module) -> None:
-        self.layers = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.layers = batchnorm_layers(net)
         self.batch: list[tuple[Tensor, Tensor] | None] = [None] * len(self.layers)
         self.handles = [layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(self.layers)]
 
@@ -265,16 +267,59 @@ def memory_format(net: nn.Module, channels_last: bool) -> Iterator[nn.Module]:
         net.to(memory_format=torch.contiguous_format)
 
 
-@contextmanager
-def frozen_eval(net: nn.Module) -> Iterator[nn.Module]:
-    """Teacher mode: eval (BN uses running statistics), no parameter gradients."""
-    was_training = net.training
-    flags = [p.requires_grad for p in net.parameters()]
-    net.eval()
-    net.requires_grad_(False)
+T = TypeVar("T")
+
+
+def retry_on_nan(attempt: Callable[[float, int], T], lr: float, retries: int, stats: SynthesisStats,
+                 what: str) -> T:
+    """`attempt(lr, k)`; on a `SynthesisError` (non-finite loss) try again with half the learning rate, up to
+    `retries` times (each engine's `nan_retries`), noting every retry in `stats.notes`."""
+    for k in range(retries + 1):
+        try:
+            return attempt(lr, k)
+        except SynthesisError:
+            if k == retries:
+                raise
+            lr /= 2
+            stats.notes.append(f"{what}: NaN loss, retrying with lr={lr:g}")
+    raise AssertionError("unreachable")
+
+
+PixelLoss = Callable[[Tensor], tuple[Tensor, dict[str, Tensor]]]
+
+
+@dataclass
+class PixelSchedule:
+    """How a batch of images is optimised (DeepInversion's loop): Adam at `lr` with `betas` for `steps` steps,
+    cosine-annealed or constant, on a jittered/flipped view, clamped to the pixel box after every step."""
+
+    steps: int
+    lr: float
+    betas: tuple[float, float]
+    cosine: bool
+    jitter: int
+    flip: bool
+
+
+def optimise_pixels(x: Tensor, loss_of_view: PixelLoss, schedule: PixelSchedule, pixel_range: tuple[Tensor, Tensor],
+                    stats: SynthesisStats, progress: SynthesisProgress, step_hook: Callable | None = None) -> Tensor:
+    """The DeepInversion loop that the pixel engine and PMI's full-model phase share; only the loss differs.
+    `loss_of_view(view) -> (loss, terms)`; `x` (requires grad) is updated in place; one full-model pass per
+    step. Returns the optimised images, detached."""
+    low, high = (r.to(x.device) for r in pixel_range)
+    optimizer = torch.optim.Adam([x], lr=schedule.lr, betas=schedule.betas, eps=1e-8)
+    if step_hook is not None:
+        step_hook(x.detach(), -1)
     try:
-        yield net
+        for step in range(schedule.steps):
+            if schedule.cosine:
+                cosine_lr(optimizer, schedule.lr, step, schedule.steps)
+            loss, terms = loss_of_view(jitter_flip(x, schedule.jitter, schedule.flip))
+            pixel_step(optimizer, loss, x, low, high)
+            stats.full_model_passes += 1
+            progress.update(terms, loss)
+            if step_hook is not None:
+                step_hook(x.detach(), step)
     finally:
-        net.train(was_training)
-        for p, flag in zip(net.parameters(), flags):
-            p.requires_grad_(flag)
+        progress.close()
+    return x.detach()

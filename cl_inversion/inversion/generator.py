@@ -26,7 +26,6 @@ from cl_inversion.errors import ConfigError
 from cl_inversion.inversion.common import (
     PRECISIONS,
     BNStatistics,
-    SynthesisError,
     SynthesisProgress,
     SynthesisStats,
     autocast,
@@ -34,7 +33,9 @@ from cl_inversion.inversion.common import (
     frozen_eval,
     gaussian_blur,
     memory_format,
+    retry_on_nan,
 )
+from cl_inversion.inversion.engine import EngineBase
 from cl_inversion.inversion.replay import GeneratorReplay
 
 
@@ -67,7 +68,7 @@ class Generator(nn.Module):
         return self(torch.randn(n, self.z_dim, device=self.l1.weight.device))
 
 
-class GeneratorInversion:
+class GeneratorInversion(EngineBase):
     """Synthesis engine: trains a generator against the teacher, then samples a class-balanced set."""
 
     name = "generator"
@@ -77,6 +78,7 @@ class GeneratorInversion:
                  bn_weight: float = 50.0, smooth_weight: float = 1e-3, keep_across_tasks: bool = True,
                  bn_reduction: str = "mean", precision: str = "32", channels_last: bool = False, compile: bool = False,
                  nan_retries: int = 0, progress: bool = True, log_every: int = 10) -> None:
+        super().__init__()
         if str(precision) not in PRECISIONS:
             raise ConfigError(f"inversion.{self.name}.precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
         self.precision, self.channels_last, self.compile = str(precision), channels_last, compile
@@ -90,11 +92,6 @@ class GeneratorInversion:
         self.nan_retries, self.progress, self.log_every = nan_retries, progress, log_every
         self.generator: Generator | None = None
         self.optimizer: torch.optim.Optimizer | None = None
-        self.image_shape: tuple[int, ...] = ()
-        self.stats = SynthesisStats()
-
-    def setup(self, image_shape: Sequence[int], pixel_range: tuple[Tensor, Tensor]) -> None:
-        self.image_shape = tuple(image_shape)
 
     def _fresh_generator(self, device: torch.device, lr: float) -> None:
         channels, size = self.image_shape[0], self.image_shape[-1]
@@ -104,20 +101,15 @@ class GeneratorInversion:
     def synthesize(self, teacher: nn.Module, classes: Sequence[int], n: int) -> tuple[Tensor, Tensor]:
         self.stats = SynthesisStats()
         device = next(teacher.parameters()).device
-        lr = self.lr
-        for attempt in range(self.nan_retries + 1):
-            if self.generator is None or not self.keep_across_tasks or attempt > 0:
+
+        def attempt(lr: float, k: int) -> None:
+            if self.generator is None or not self.keep_across_tasks or k > 0:
                 self._fresh_generator(device, lr)
             self.generator.to(device)
             self.optimizer.load_state_dict(self.optimizer.state_dict())  # moves Adam state to the device
-            try:
-                self._train(teacher, len(classes))
-                break
-            except SynthesisError:
-                if attempt == self.nan_retries:
-                    raise
-                lr /= 2
-                self.stats.notes.append(f"NaN loss: fresh generator with lr={lr:g}")
+            self._train(teacher, len(classes))
+
+        retry_on_nan(attempt, self.lr, self.nan_retries, self.stats, "generator (fresh)")
         return self.sample_balanced(teacher, classes, n)
 
     def _train(self, teacher: nn.Module, n_classes: int) -> None:

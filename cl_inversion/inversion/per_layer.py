@@ -24,18 +24,19 @@ from cl_inversion.errors import ConfigError
 from cl_inversion.inversion.common import (
     PRECISIONS,
     BNStatistics,
+    PixelSchedule,
     SynthesisProgress,
     SynthesisStats,
     autocast,
     balanced_labels,
     clamp_to,
-    cosine_lr,
     frozen_eval,
     gaussian_kl,
-    jitter_flip,
-    pixel_step,
+    optimise_pixels,
+    retry_on_nan,
     total_variation_l2,
 )
+from cl_inversion.inversion.engine import EngineBase
 from cl_inversion.inversion.features import (
     ClassGaussians,
     ContrastiveSelector,
@@ -43,7 +44,7 @@ from cl_inversion.inversion.features import (
     fit_selector,
     sample_aligned_features,
 )
-from cl_inversion.inversion.replay import BufferReplay
+from cl_inversion.nn_utils import batchnorm_layers, has_batchnorm
 
 
 def pooled(x: Tensor) -> Tensor:
@@ -56,7 +57,7 @@ def relative_mse(output: Tensor, target: Tensor) -> Tensor:
 
 
 def last_batchnorm(module: nn.Module) -> nn.modules.batchnorm._BatchNorm | None:
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = batchnorm_layers(module)
     return norms[-1] if norms else None
 
 
@@ -73,10 +74,18 @@ def block_costs(blocks: Sequence[nn.Module], x: Tensor) -> tuple[list[float], li
     return [f / total for f in flops], shapes
 
 
-HINT = "lower inversion.per_layer.lr / layer_lr"
+def block_start(prior: nn.Module | None, is_image: bool, n: int, shape: torch.Size, device: torch.device) -> Tensor:
+    """Where a block's input starts: noise for the image; N(β, γ²) of the preceding BatchNorm otherwise."""
+    if is_image or prior is None:
+        return torch.randn(n, *shape, device=device)
+    view = (1, -1, *[1] * (len(shape) - 1))
+    return prior.bias.view(view) + prior.weight.abs().view(view) * torch.randn(n, *shape, device=device)
 
 
-class PerLayerInversion:
+HINT = "lower inversion.per_layer.lr / layer_lr or set inversion.per_layer.nan_retries"
+
+
+class PerLayerInversion(EngineBase):
     """Synthesis engine: per-layer inversion initialising a short full-model inversion."""
 
     name = "per_layer"
@@ -86,8 +95,9 @@ class PerLayerInversion:
                  layer_bn_weight: float = 1.0, prior_weight: float = 1.0, tv_weight: float = 2.5e-5, jitter: int = 2,
                  flip: bool = True,
                  covariance: str = "diagonal", oversample: int = 2, bn_loss: str = "kl",
-                 first_bn_multiplier: float = 10.0, precision: str = "32", progress: bool = True,
-                 log_every: int = 10) -> None:
+                 first_bn_multiplier: float = 10.0, precision: str = "32", nan_retries: int = 0,
+                 progress: bool = True, log_every: int = 10) -> None:
+        super().__init__()
         if str(precision) not in PRECISIONS:
             raise ConfigError(f"inversion.per_layer.precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
         self.precision = str(precision)
@@ -103,18 +113,11 @@ class PerLayerInversion:
             raise ConfigError(f"inversion.per_layer.bn_loss={bn_loss!r}: choose one of kl, norm")
         self.bn_loss, self.first_bn_multiplier = bn_loss, first_bn_multiplier
         self.oversample, self.progress, self.log_every = oversample, progress, log_every
+        self.nan_retries = nan_retries
         self.gaussians = ClassGaussians(covariance)
         self.selector: ContrastiveSelector | None = None
-        self.image_shape: tuple[int, ...] = ()
-        self.pixel_range: tuple[Tensor, Tensor] | None = None
-        self.stats = SynthesisStats()
         self.last_targets: Tensor | None = None
         self.block_losses: list[tuple[float, float]] = []  # per block: (first, last) reconstruction MSE
-        self.step_hook = None  # optional callable(images, step) at the start (step -1) and after each full-model step
-
-    def setup(self, image_shape: Sequence[int], pixel_range: tuple[Tensor, Tensor]) -> None:
-        self.image_shape = tuple(image_shape)
-        self.pixel_range = pixel_range
 
     def observe(self, teacher: nn.Module, real_batches, replay_images: Tensor | None,
                 replay_labels: Tensor | None) -> None:
@@ -141,17 +144,23 @@ class PerLayerInversion:
         device = next(teacher.parameters()).device
         chunks = []
         with frozen_eval(teacher):
-            if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in teacher.modules()):
+            if not has_batchnorm(teacher):
                 self.stats.notes.append("teacher has no BatchNorm layer: BN-statistics and BN-prior terms disabled; "
                                         "the Gaussian feature targets carry the alignment")
             for start in range(0, n, self.batch_size):
                 y = labels[start : start + self.batch_size].to(device)
                 f = targets[start : start + self.batch_size].to(device)
-                image = self.invert_layers(teacher, f)
-                chunks.append(self.invert_full(teacher, image, f, y))
+                chunks.append(retry_on_nan(lambda lr, _, f=f, y=y: self.invert_batch(teacher, f, y, lr / self.lr),
+                                           self.lr, self.nan_retries, self.stats, f"batch {start // self.batch_size}"))
         return torch.cat(chunks), labels
 
-    def invert_layers(self, teacher: nn.Module, target_features: Tensor) -> Tensor:
+    def invert_batch(self, teacher: nn.Module, target_features: Tensor, labels: Tensor,
+                     lr_scale: float = 1.0) -> Tensor:
+        """Per-layer phase, then the full-model phase, both learning rates scaled by `lr_scale` (NaN retries)."""
+        image = self.invert_layers(teacher, target_features, self.layer_lr * lr_scale)
+        return self.invert_full(teacher, image, target_features, labels, self.lr * lr_scale)
+
+    def invert_layers(self, teacher: nn.Module, target_features: Tensor, layer_lr: float | None = None) -> Tensor:
         """Block-wise inversion, last block first; returns the image-level input (with `layer_steps=0`, the
         ablation without the per-layer phase: noise clamped to the pixel range)."""
         blocks = list(teacher.backbone.blocks())
@@ -159,98 +168,96 @@ class PerLayerInversion:
         if self.layer_steps == 0:
             return clamp_to(torch.randn(len(target_features), *self.image_shape, device=target_features.device),
                             low, high)
-        costs = getattr(self, "_block_costs", {})  # one FLOP probe per teacher and batch size, not per batch
-        key = (id(teacher), len(target_features))
-        if key not in costs:
-            probe = torch.zeros(len(target_features), *self.image_shape, device=target_features.device)
-            costs = {key: block_costs(blocks, probe)}  # a new teacher drops the old entries
-            self._block_costs = costs
-        shares, shapes = costs[key]
-        relu_inputs = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in teacher.modules())
+        shares, shapes = self._block_costs_of(teacher, blocks, target_features)
+        relu_inputs = has_batchnorm(teacher)
         target = target_features
         progress = SynthesisProgress(self.layer_steps * len(blocks), "PMI per-layer", self.stats, self.log_every,
                                      self.progress, engine=self.name, hint=HINT)
         try:
             for k in reversed(range(len(blocks))):
-                block, is_image = blocks[k], k == 0
                 prior = last_batchnorm(blocks[k - 1]) if k > 0 else None
-                if is_image:
-                    u = torch.randn(len(target), *shapes[k], device=target.device)
-                elif prior is not None:
-                    u = prior.bias.view(1, -1, *[1] * (len(shapes[k]) - 1)) + prior.weight.abs().view(
-                        1, -1, *[1] * (len(shapes[k]) - 1)) * torch.randn(len(target), *shapes[k], device=target.device)
-                else:
-                    u = torch.randn(len(target), *shapes[k], device=target.device)
-                u = u.detach().requires_grad_(True)
-                optimizer = torch.optim.Adam([u], lr=self.layer_lr)
-                first = None
-                with BNStatistics(block) as bn:
-                    for _ in range(self.layer_steps):
-                        x = u if is_image or not relu_inputs else F.relu(u)
-                        out = block(x)
-                        rec = relative_mse(pooled(out) if k == len(blocks) - 1 else out, target)
-                        loss = rec + (self.layer_bn_weight * bn.kl() if len(bn) else 0.0)
-                        if prior is not None and not is_image:
-                            dims = [0] + list(range(2, u.dim()))
-                            loss = loss + self.prior_weight * gaussian_kl(
-                                prior.bias, prior.weight.pow(2), u.mean(dims), u.var(dims, unbiased=False)).mean()
-                        if is_image:
-                            loss = loss + self.tv_weight * total_variation_l2(u)
-                        optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                        optimizer.step()
-                        if is_image:
-                            with torch.no_grad():
-                                u.copy_(clamp_to(u, low, high))
-                        first = rec.detach() if first is None else first
-                        self.stats.full_model_passes += shares[k]
-                        progress.update({"block": k, "rec": rec}, loss)
-                self.block_losses.insert(0, (float(first), float(rec.detach())))
-                target = (u if is_image or not relu_inputs else F.relu(u)).detach()
+                u = block_start(prior, k == 0, len(target), shapes[k], target.device)
+                target = self._invert_block(blocks[k], k, len(blocks), u, target, prior, relu_inputs,
+                                            self.layer_lr if layer_lr is None else layer_lr, shares[k], (low, high),
+                                            progress)
         finally:
             progress.close()
         return target
 
-    def invert_full(self, teacher: nn.Module, image: Tensor, target_features: Tensor, labels: Tensor) -> Tensor:
-        """Short full-model inversion from the per-layer initialisation."""
-        low, high = (r.to(image.device) for r in self.pixel_range)
+    def _block_costs_of(self, teacher: nn.Module, blocks: list[nn.Module], target: Tensor):
+        """One FLOP probe per teacher and batch size, not per batch (a new teacher drops the old entries)."""
+        costs = getattr(self, "_block_costs", {})
+        key = (id(teacher), len(target))
+        if key not in costs:
+            probe = torch.zeros(len(target), *self.image_shape, device=target.device)
+            costs = {key: block_costs(blocks, probe)}
+            self._block_costs = costs
+        return costs[key]
+
+    def _invert_block(self, block: nn.Module, k: int, n_blocks: int, u: Tensor, target: Tensor,
+                      prior: nn.Module | None, relu_inputs: bool, lr: float, share: float,
+                      pixel_box: tuple[Tensor, Tensor], progress: SynthesisProgress) -> Tensor:
+        """Optimise block k's input `u` so the block reproduces `target` (relative MSE + the block's BN KL +
+        the preceding BN's prior on u, or TV and the pixel box for the image); returns the block's input."""
+        is_image = k == 0
+        u = u.detach().requires_grad_(True)
+        optimizer = torch.optim.Adam([u], lr=lr)
+        first = None
+        with BNStatistics(block) as bn:
+            for _ in range(self.layer_steps):
+                x = u if is_image or not relu_inputs else F.relu(u)
+                out = block(x)
+                rec = relative_mse(pooled(out) if k == n_blocks - 1 else out, target)
+                loss = rec + (self.layer_bn_weight * bn.kl() if len(bn) else 0.0)
+                if prior is not None and not is_image:
+                    dims = [0] + list(range(2, u.dim()))
+                    loss = loss + self.prior_weight * gaussian_kl(
+                        prior.bias, prior.weight.pow(2), u.mean(dims), u.var(dims, unbiased=False)).mean()
+                if is_image:
+                    loss = loss + self.tv_weight * total_variation_l2(u)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if is_image:
+                    with torch.no_grad():
+                        u.copy_(clamp_to(u, *pixel_box))
+                first = rec.detach() if first is None else first
+                self.stats.full_model_passes += share
+                progress.update({"block": k, "rec": rec}, loss)
+        self.block_losses.insert(0, (float(first), float(rec.detach())))
+        return (u if is_image or not relu_inputs else F.relu(u)).detach()
+
+    def invert_full(self, teacher: nn.Module, image: Tensor, target_features: Tensor, labels: Tensor,
+                    lr: float | None = None) -> Tensor:
+        """Short full-model inversion from the per-layer initialisation (DeepInversion's loop, PMI's loss)."""
         x = image.clone().requires_grad_(True)
-        optimizer = torch.optim.Adam([x], lr=self.lr, betas=(0.5, 0.9))
         progress = SynthesisProgress(self.full_steps, "PMI full-model", self.stats, self.log_every, self.progress,
                                      engine=self.name, hint=HINT)
-        if self.step_hook is not None:
-            self.step_hook(x.detach(), -1)
-        try:
-            with BNStatistics(teacher) as bn:
-                for step in range(self.full_steps):
-                    cosine_lr(optimizer, self.lr, step, self.full_steps)
-                    view = jitter_flip(x, self.jitter, self.flip)
-                    with autocast(self.precision, x.device):
-                        features = teacher.features(view)
-                        logits = teacher.head(features)
-                    features, logits = features.float(), logits.float()
-                    feat = F.mse_loss(features, target_features)
-                    ce = F.cross_entropy(logits, labels)
-                    if not len(bn):
-                        bn_term = torch.zeros((), device=x.device)
-                    elif self.bn_loss == "norm":
-                        bn_term = bn.norm_distance(self.first_bn_multiplier)
-                    else:
-                        bn_term = bn.kl()
-                    loss = self.feature_weight * feat + self.ce_weight * ce + self.bn_weight * bn_term
-                    if self.tv_weight:
-                        loss = loss + self.tv_weight * total_variation_l2(view)
-                    pixel_step(optimizer, loss, x, low, high)
-                    self.stats.full_model_passes += 1
-                    progress.update({"feature": feat, "ce": ce, "bn": bn_term}, loss)
-                    if self.step_hook is not None:
-                        self.step_hook(x.detach(), step)
-        finally:
-            progress.close()
-        return x.detach()
+        schedule = PixelSchedule(self.full_steps, self.lr if lr is None else lr, (0.5, 0.9), True, self.jitter,
+                                 self.flip)
+        with BNStatistics(teacher) as bn:
+            return optimise_pixels(x, lambda view: self.full_loss(teacher, bn, view, target_features, labels),
+                                   schedule, self.pixel_range, self.stats, progress, self.step_hook)
 
-    def replay(self, teacher: nn.Module, images: Tensor, labels: Tensor) -> BufferReplay:
-        return BufferReplay(images, labels)
+    def full_loss(self, teacher: nn.Module, bn: BNStatistics, view: Tensor, target_features: Tensor,
+                  labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """MSE to the sampled feature + cross-entropy to the label + BN statistics + TV prior."""
+        with autocast(self.precision, view.device):
+            features = teacher.features(view)
+            logits = teacher.head(features)
+        features, logits = features.float(), logits.float()
+        feat = F.mse_loss(features, target_features)
+        ce = F.cross_entropy(logits, labels)
+        if not len(bn):
+            bn_term = torch.zeros((), device=view.device)
+        elif self.bn_loss == "norm":
+            bn_term = bn.norm_distance(self.first_bn_multiplier)
+        else:
+            bn_term = bn.kl()
+        loss = self.feature_weight * feat + self.ce_weight * ce + self.bn_weight * bn_term
+        if self.tv_weight:
+            loss = loss + self.tv_weight * total_variation_l2(view)
+        return loss, {"feature": feat, "ce": ce, "bn": bn_term}
 
     def state_dict(self) -> dict:
         return {"gaussians": self.gaussians.state_dict()}

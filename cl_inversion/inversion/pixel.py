@@ -25,25 +25,24 @@ from cl_inversion.errors import ConfigError
 from cl_inversion.inversion.common import (
     PRECISIONS,
     BNStatistics,
-    SynthesisError,
+    PixelSchedule,
     SynthesisProgress,
     SynthesisStats,
     autocast,
     balanced_labels,
     compiled,
-    cosine_lr,
     frozen_eval,
-    jitter_flip,
     memory_format,
-    pixel_step,
+    optimise_pixels,
+    retry_on_nan,
     total_variation_l2,
 )
-from cl_inversion.inversion.replay import BufferReplay
+from cl_inversion.inversion.engine import EngineBase
 
 LR_SCHEDULES = ("constant", "cosine")
 
 
-class PixelInversion:
+class PixelInversion(EngineBase):
     """Synthesis engine: `synthesize(teacher, classes, n) -> (images, labels)` by pixel optimisation."""
 
     name = "pixel"
@@ -54,6 +53,7 @@ class PixelInversion:
                  betas: Sequence[float] = (0.9, 0.999), lr_schedule: str = "constant", precision: str = "32",
                  channels_last: bool = False, compile: bool = False, nan_retries: int = 0, progress: bool = True,
                  log_every: int = 10) -> None:
+        super().__init__()
         if str(precision) not in PRECISIONS:
             raise ConfigError(f"inversion.pixel.precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
         self.precision, self.channels_last, self.compile = str(precision), channels_last, compile
@@ -65,14 +65,6 @@ class PixelInversion:
         self.tv_weight, self.l2_weight = tv_weight, l2_weight
         self.jitter, self.flip = jitter, flip
         self.nan_retries, self.progress, self.log_every = nan_retries, progress, log_every
-        self.image_shape: tuple[int, ...] = ()
-        self.pixel_range: tuple[Tensor, Tensor] | None = None
-        self.stats = SynthesisStats()
-        self.step_hook = None  # optional callable(images, step) at the start (step -1) and after each step (benchmarks)
-
-    def setup(self, image_shape: Sequence[int], pixel_range: tuple[Tensor, Tensor]) -> None:
-        self.image_shape = tuple(image_shape)
-        self.pixel_range = pixel_range
 
     def synthesize(self, teacher: nn.Module, classes: Sequence[int], n: int) -> tuple[Tensor, Tensor]:
         self.stats = SynthesisStats()
@@ -85,62 +77,33 @@ class PixelInversion:
             model = compiled(teacher, self.compile)
             for start in range(0, n, self.batch_size):
                 targets = labels[start : start + self.batch_size].to(device)
-                chunks.append(self._optimise(model, bn, targets, start // self.batch_size))
+                chunk = start // self.batch_size
+                chunks.append(retry_on_nan(lambda lr, _, t=targets, c=chunk: self._run(model, bn, t, lr, c),
+                                           self.lr, self.nan_retries, self.stats, f"chunk {chunk}"))
         return torch.cat(chunks), labels
 
-    def _optimise(self, teacher: nn.Module, bn: BNStatistics, targets: Tensor, chunk: int) -> Tensor:
-        lr = self.lr
-        for attempt in range(self.nan_retries + 1):
-            try:
-                return self._run(teacher, bn, targets, lr, chunk)
-            except SynthesisError:
-                if attempt == self.nan_retries:
-                    raise
-                lr /= 2
-                self.stats.notes.append(f"chunk {chunk}: NaN loss, retrying with lr={lr:g}")
-        raise AssertionError("unreachable")
+    def loss(self, teacher: nn.Module, bn: BNStatistics, view: Tensor, targets: Tensor) -> tuple[Tensor, dict]:
+        """DeepInversion's loss on one (jittered) view of the batch, and its terms."""
+        device = view.device
+        with autocast(self.precision, device):
+            logits = teacher(view)
+        ce = F.cross_entropy(logits.float(), targets)
+        bn_term = bn.norm_distance(self.first_bn_multiplier) if len(bn) else torch.zeros((), device=device)
+        loss = self.ce_weight * ce + self.bn_weight * bn_term
+        tv = total_variation_l2(view) if self.tv_weight else torch.zeros((), device=device)
+        loss = loss + self.tv_weight * tv
+        if self.l2_weight:  # the CIFAR script's `torch.norm(inputs_jit, 2)`; off by default
+            loss = loss + self.l2_weight * torch.linalg.vector_norm(view)
+        return loss, {"loss": loss, "ce": ce, "bn": bn_term, "tv": tv}
 
     def _run(self, teacher: nn.Module, bn: BNStatistics, targets: Tensor, lr: float, chunk: int) -> Tensor:
-        device = targets.device
-        low, high = (r.to(device) for r in self.pixel_range)
-        x = torch.randn(len(targets), *self.image_shape, device=device)
+        x = torch.randn(len(targets), *self.image_shape, device=targets.device)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         x.requires_grad_(True)
-        optimizer = torch.optim.Adam([x], lr=lr, betas=self.betas, eps=1e-8)
         progress = SynthesisProgress(self.steps, f"DeepInversion batch {chunk}", self.stats, self.log_every,
                                      self.progress, engine=self.name,
                                      hint=f"lower inversion.{self.name}.lr or set inversion.{self.name}.nan_retries")
-        if self.step_hook is not None:
-            self.step_hook(x.detach(), -1)
-        try:
-            for step in range(self.steps):
-                if self.lr_schedule == "cosine":
-                    cosine_lr(optimizer, lr, step, self.steps)
-                view = jitter_flip(x, self.jitter, self.flip)
-                with autocast(self.precision, device):
-                    logits = teacher(view)
-                ce = F.cross_entropy(logits.float(), targets)
-                bn_term = bn.norm_distance(self.first_bn_multiplier) if len(bn) else torch.zeros((), device=device)
-                loss = self.ce_weight * ce + self.bn_weight * bn_term
-                tv = total_variation_l2(view) if self.tv_weight else torch.zeros((), device=device)
-                loss = loss + self.tv_weight * tv
-                if self.l2_weight:  # the CIFAR script's `torch.norm(inputs_jit, 2)`; off by default
-                    loss = loss + self.l2_weight * torch.linalg.vector_norm(view)
-                pixel_step(optimizer, loss, x, low, high)
-                self.stats.full_model_passes += 1
-                progress.update({"loss": loss, "ce": ce, "bn": bn_term, "tv": tv}, loss)
-                if self.step_hook is not None:
-                    self.step_hook(x.detach(), step)
-        finally:
-            progress.close()
-        return x.detach()
-
-    def replay(self, teacher: nn.Module, images: Tensor, labels: Tensor) -> BufferReplay:
-        return BufferReplay(images, labels)
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
+        schedule = PixelSchedule(self.steps, lr, self.betas, self.lr_schedule == "cosine", self.jitter, self.flip)
+        return optimise_pixels(x, lambda view: self.loss(teacher, bn, view, targets), schedule, self.pixel_range,
+                               self.stats, progress, self.step_hook)

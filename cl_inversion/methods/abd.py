@@ -11,20 +11,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cl_inversion.methods.base import ContinualModule
+from cl_inversion.methods.inversion_student import InversionStudent
 
 
-class ABD(ContinualModule):
-    keeps_previous_model = True
+class ABD(InversionStudent):
+    default_inversion = "generator"
 
-    def __init__(self, *args, inversion: str = "generator", kd_weight: float = 0.1, **kwargs) -> None:
-        super().__init__(*args, inversion=inversion, **kwargs)
+    def __init__(self, *args, kd_weight: float = 0.1, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
         self.kd_weight = kd_weight
 
-    def loss(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
-        if self.replay is None or self.previous is None:
-            ce = self.seen_cross_entropy(self(x), y)
-            return {"loss": ce, "ce": ce}
+    def replay_loss(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         replay_x, replay_y = self.replay.sample(len(x))
         inputs, targets = torch.cat([x, replay_x]), torch.cat([y, replay_y])
         weights = self.class_balance(targets)

@@ -32,16 +32,14 @@ class ContinualModule(L.LightningModule):
     keeps_previous_model: bool = False
 
     def __init__(self, net: IncrementalClassifier, optimizer: OptimizerFactory,
-                 scheduler: Callable[[torch.optim.Optimizer], Any] | None = None, inversion: str | None = None) -> None:
+                 scheduler: Callable[[torch.optim.Optimizer], Any] | None = None) -> None:
         super().__init__()
         self.net = net
-        self.inversion = inversion  # name of the synthesis engine (a key of the `inversion` config) or None
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.task = -1
         self.task_sizes: list[int] = []
         self.is_last_task = False
-        self.replay: nn.Module | None = None  # set by an inversion callback: `.sample(n) -> (images, labels)`
         self.previous: nn.Module | None = None  # frozen model after the previous task, where a method keeps one
 
     # --- bookkeeping -------------------------------------------------------------------------------

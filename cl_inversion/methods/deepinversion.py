@@ -14,23 +14,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cl_inversion.methods.base import ContinualModule, distillation
+from cl_inversion.methods.base import distillation
+from cl_inversion.methods.inversion_student import InversionStudent
 
 
-class DeepInversion(ContinualModule):
-    keeps_previous_model = True
+class DeepInversion(InversionStudent):
+    default_inversion = "pixel"
 
-    def __init__(self, *args, inversion: str = "pixel", temperature: float = 2.0, kd_weight: float = 1.0,
-                 t_squared: bool = False, **kwargs) -> None:
-        super().__init__(*args, inversion=inversion, **kwargs)
+    def __init__(self, *args, temperature: float = 2.0, kd_weight: float = 1.0, t_squared: bool = False,
+                 **kwargs) -> None:
+        super().__init__(*args, **kwargs)
         self.temperature = temperature
         self.kd_weight = kd_weight
         self.t_squared = t_squared
 
-    def loss(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
-        if self.replay is None or self.previous is None:
-            ce = self.seen_cross_entropy(self(x), y)
-            return {"loss": ce, "ce": ce}
+    def replay_loss(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         replay_x, _ = self.replay.sample(len(x))
         logits = self(torch.cat([x, replay_x]))
         real, synthetic = logits[: len(x)], logits[len(x) :]

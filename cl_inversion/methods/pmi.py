@@ -6,5 +6,4 @@ from cl_inversion.methods.relation import RelationGuided
 
 
 class PMI(RelationGuided):
-    def __init__(self, *args, inversion: str = "per_layer", **kwargs) -> None:
-        super().__init__(*args, inversion=inversion, **kwargs)
+    default_inversion = "per_layer"

@@ -5,5 +5,4 @@ from cl_inversion.methods.relation import RelationGuided
 
 
 class RDFCIL(RelationGuided):
-    def __init__(self, *args, inversion: str = "rdfcil_generator", **kwargs) -> None:
-        super().__init__(*args, inversion=inversion, **kwargs)
+    default_inversion = "rdfcil_generator"

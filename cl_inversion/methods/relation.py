@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cl_inversion.errors import ConfigError
-from cl_inversion.methods.base import ContinualModule
+from cl_inversion.methods.inversion_student import InversionStudent
 
 FINETUNE_LOSSES = ("weighted", "balanced_softmax")
 FINETUNE_SCOPES = ("head", "all")
@@ -67,14 +67,14 @@ class RelationProjection(nn.Module):
         return rkd_angle(self.student(student), self.teacher(teacher))
 
 
-class RelationGuided(ContinualModule):
-    keeps_previous_model = True
+class RelationGuided(InversionStudent):
+    default_inversion = "generator"
 
-    def __init__(self, *args, inversion: str = "generator", ce_scale: float = 0.5, hkd_scale: float = 0.15,
+    def __init__(self, *args, ce_scale: float = 0.5, hkd_scale: float = 0.15,
                  rkd_scale: float = 0.5, projection_dim: int | None = None, finetune_fraction: float = 0.2,
                  finetune_lr: float = 0.005, finetune_loss: str = "weighted", finetune_scope: str = "head",
                  finetune_hkd: bool = True, finetune_ce_scale: float = 0.5, **kwargs) -> None:
-        super().__init__(*args, inversion=inversion, **kwargs)
+        super().__init__(*args, **kwargs)
         if finetune_loss not in FINETUNE_LOSSES:
             raise ConfigError(f"method.finetune_loss={finetune_loss!r}: choose one of {', '.join(FINETUNE_LOSSES)}")
         if finetune_scope not in FINETUNE_SCOPES:
@@ -124,12 +124,12 @@ class RelationGuided(ContinualModule):
             weights = self.class_counts.sum() / self.class_counts.clamp(min=1)
             self.class_weights = weights / weights.min()
 
-    def loss(self, x: Tensor, y: Tensor) -> dict[str, Tensor] | None:
-        if self.replay is None or self.previous is None:
-            if self.in_balancing_epochs():
-                return None  # first task: R-DFCIL trains nothing in the balancing epochs
-            ce = self.seen_cross_entropy(self(x), y)
-            return {"loss": ce, "ce": ce}
+    def first_task_loss(self, x: Tensor, y: Tensor) -> dict[str, Tensor] | None:
+        if self.in_balancing_epochs():
+            return None  # first task: R-DFCIL trains nothing in the balancing epochs
+        return super().first_task_loss(x, y)
+
+    def replay_loss(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         replay_x, replay_y = self.replay.sample(len(x))
         self.count_labels(y, replay_y)
         if self.in_balancing_phase():
