@@ -38,7 +38,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 #: config groups composed automatically (budgets, the smoke add-on, preset bases): not listed by --help
-INTERNAL_GROUPS = ("budget", "method_budget", "smoke", "experiment/base")
+INTERNAL_GROUPS = ("budget", "method_budget", "smoke", "experiment/base", "method/base", "inversion")
 
 
 def help_text(config_dir: str | os.PathLike) -> str:

@@ -12,6 +12,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from cl_inversion.nn_utils import eval_mode
+
 Matrix = Sequence[Sequence[float]]
 
 
@@ -65,10 +67,8 @@ def evaluate(net: nn.Module, test_loaders: Sequence[DataLoader], task_classes: S
              device: torch.device | str = "cpu") -> Evaluation:
     """Evaluate `net` on the test set of every task seen so far (one head over all seen classes)."""
     device = torch.device(device)
-    was_training = net.training
-    net.eval()
-    outputs = [predict(net, loader, device) for loader in test_loaders]
-    net.train(was_training)
+    with eval_mode(net):
+        outputs = [predict(net, loader, device) for loader in test_loaders]
 
     def percent(preds: Tensor, target: Tensor) -> float:
         return 100.0 * int((preds == target).sum()) / max(len(target), 1)

@@ -14,7 +14,7 @@ import typing
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from hydra._internal.utils import _locate
+from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
 from cl_inversion.errors import ConfigError
@@ -50,7 +50,7 @@ def _target_nodes(node: Any, path: str) -> Iterator[tuple[str, dict]]:
 def _check_node(path: str, node: dict, extra: dict[str, type]) -> None:
     target_name = node["_target_"]
     try:
-        target = _locate(target_name)
+        target = get_object(target_name)
     except Exception:
         raise ConfigError(f"{path}._target_={target_name!r} cannot be imported; check the module and name") from None
     params, open_ended = _parameters(target)

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from cl_inversion.nn_utils import eval_mode
+
 log = logging.getLogger("cl_inversion")
 
 
@@ -22,15 +24,13 @@ log = logging.getLogger("cl_inversion")
 def zero_shot_accuracy(backbone: nn.Module, loader: DataLoader, class_names: list[str], label_offset: int,
                        device: torch.device) -> float:
     """Accuracy (%) of the text-embedding classifier over `class_names`; label i ↔ class_names[i - offset]."""
-    was_training = backbone.training
-    backbone.eval()
-    text = backbone.text_embeddings(class_names).to(device)
     correct = total = 0
-    for x, y in loader:
-        preds = backbone.zero_shot_logits(x.to(device), text).argmax(1).cpu()
-        correct += int((preds == y - label_offset).sum())
-        total += len(y)
-    backbone.train(was_training)
+    with eval_mode(backbone):
+        text = backbone.text_embeddings(class_names).to(device)
+        for x, y in loader:
+            preds = backbone.zero_shot_logits(x.to(device), text).argmax(1).cpu()
+            correct += int((preds == y - label_offset).sum())
+            total += len(y)
     return 100.0 * correct / max(total, 1)
 
 

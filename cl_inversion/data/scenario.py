@@ -171,6 +171,11 @@ class TaskDataModule(L.LightningDataModule):
                           drop_last=shuffle and len(data) > self.batch_size)
 
     @property
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The dataset's per-channel (mean, std) that its images are normalised with."""
+        return self.scenario.dataset.mean, self.scenario.dataset.std
+
+    @property
     def task_class_names(self) -> list[str]:
         """Names of this task's classes, in label order (what a text-initialised head embeds)."""
         return [self.scenario.class_names[i] for i in self.scenario.tasks[self.task].classes]

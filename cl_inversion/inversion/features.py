@@ -13,18 +13,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cl_inversion.nn_utils import eval_mode
+
 
 @torch.no_grad()
 def extract_features(net: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
     """Penultimate (pooled) features and labels of `batches`, teacher in eval mode."""
     device = next(net.parameters()).device
-    was_training = net.training
-    net.eval()
     feats, labels = [], []
-    for x, y in batches:
-        feats.append(net.features(x.to(device)).float().cpu())
-        labels.append(y.cpu())
-    net.train(was_training)
+    with eval_mode(net):
+        for x, y in batches:
+            feats.append(net.features(x.to(device)).float().cpu())
+            labels.append(y.cpu())
     return torch.cat(feats), torch.cat(labels)
 
 

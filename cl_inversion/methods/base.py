@@ -58,7 +58,10 @@ class ContinualModule(L.LightningModule):
         self.task = task_index
         self.is_last_task = is_last
         self.task_sizes.append(n_new_classes)
-        self.net.grow(n_new_classes, datamodule)
+        if datamodule is not None and hasattr(datamodule, "task_class_names"):  # a scenario's TaskDataModule
+            self.net.grow(n_new_classes, datamodule.task_class_names, datamodule.normalization)
+        else:
+            self.net.grow(n_new_classes)
         self.on_task_start(datamodule)
 
     def end_task(self, datamodule: L.LightningDataModule) -> None:

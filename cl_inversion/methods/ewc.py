@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from cl_inversion.methods.l2 import L2
+from cl_inversion.nn_utils import eval_mode
 
 
 class EWC(L2):
@@ -53,15 +54,13 @@ class EWC(L2):
         fisher = {n: torch.zeros_like(p).detach() for n, p in params.items()}
         loader = self.fisher_loader(datamodule)
         n_batches = len(loader)
-        was_training = self.net.training
-        self.net.eval()
-        for x, _ in loader:
-            logits = self.net(x.to(self.device))[:, : self.n_seen]
-            predicted = logits.argmax(1).detach()
-            grads = torch.autograd.grad(F.cross_entropy(logits, predicted), list(params.values()),
-                                        allow_unused=True)
-            for name, g in zip(params, grads):
-                if g is not None:
-                    fisher[name] += g.detach() ** 2 * len(x) / n_batches
-        self.net.train(was_training)
+        with eval_mode(self.net):
+            for x, _ in loader:
+                logits = self.net(x.to(self.device))[:, : self.n_seen]
+                predicted = logits.argmax(1).detach()
+                grads = torch.autograd.grad(F.cross_entropy(logits, predicted), list(params.values()),
+                                            allow_unused=True)
+                for name, g in zip(params, grads):
+                    if g is not None:
+                        fisher[name] += g.detach() ** 2 * len(x) / n_batches
         return fisher

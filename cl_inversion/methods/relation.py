@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from cl_inversion.errors import ConfigError
 from cl_inversion.methods.inversion_student import InversionStudent
+from cl_inversion.nn_utils import eval_mode
 
 FINETUNE_LOSSES = ("weighted", "balanced_softmax")
 FINETUNE_SCOPES = ("head", "all")
@@ -155,11 +156,8 @@ class RelationGuided(InversionStudent):
         """Class-balanced CE over the seen classes on real + synthetic data (× λ_ce), plus HKD."""
         inputs, targets = torch.cat([x, replay_x]), torch.cat([y, replay_y])
         if self.finetune_scope == "head":
-            was_training = self.net.backbone.training
-            self.net.backbone.eval()
-            with torch.no_grad():
+            with eval_mode(self.net.backbone), torch.no_grad():
                 features = self.net.features(inputs)
-            self.net.backbone.train(was_training)
             logits = self.net.head(features)
         else:
             logits = self.net(inputs)

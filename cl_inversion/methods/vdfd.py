@@ -64,6 +64,7 @@ from hydra.utils import get_class
 from torch import Tensor, nn
 
 from cl_inversion.methods.base import ContinualModule, state_bytes
+from cl_inversion.nn_utils import eval_mode
 
 
 def node_average(grad: Tensor) -> Tensor:
@@ -253,21 +254,19 @@ class VDFD(ContinualModule):
         params = self.regularised_parameters()
         classes = list(range(self.n_old, self.n_seen))
         grads = {n: p.new_zeros(node_sums(p).shape[0], len(classes)) for n, p in params.items()}
-        was_training = self.net.training
-        self.net.eval()
         batches = 0
-        for b, (x, _) in enumerate(datamodule.plain_train_dataloader()):
-            if self.max_grad_batches is not None and b >= self.max_grad_batches:
-                break
-            mean_output = self.net(x.to(self.device))[:, self.n_old:self.n_seen].mean(0)
-            for k in range(len(classes)):
-                per_tensor = torch.autograd.grad(mean_output[k], list(params.values()),
-                                                 retain_graph=k < len(classes) - 1, allow_unused=True)
-                for name, g in zip(params, per_tensor):
-                    if g is not None:
-                        grads[name][:, k] += node_average(g)
-            batches += 1
-        self.net.train(was_training)
+        with eval_mode(self.net):
+            for b, (x, _) in enumerate(datamodule.plain_train_dataloader()):
+                if self.max_grad_batches is not None and b >= self.max_grad_batches:
+                    break
+                mean_output = self.net(x.to(self.device))[:, self.n_old:self.n_seen].mean(0)
+                for k in range(len(classes)):
+                    per_tensor = torch.autograd.grad(mean_output[k], list(params.values()),
+                                                     retain_graph=k < len(classes) - 1, allow_unused=True)
+                    for name, g in zip(params, per_tensor):
+                        if g is not None:
+                            grads[name][:, k] += node_average(g)
+                batches += 1
         return {n: g / max(batches, 1) for n, g in grads.items()}
 
     def on_task_end(self, datamodule: L.LightningDataModule) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from cl_inversion.nn_utils import has_batchnorm
+
 
 class Backbone(nn.Module):
     """Base: `stem`, a list of `stages`, global average pooling → `feature_dim` features."""
@@ -20,7 +22,7 @@ class Backbone(nn.Module):
     @property
     def has_batchnorm(self) -> bool:
         """Whether any BatchNorm layer exists: BN-statistics inversion terms need one (ViTs have none)."""
-        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.modules())
+        return has_batchnorm(self)
 
     def forward(self, x: Tensor) -> Tensor:
         for block in self.blocks():

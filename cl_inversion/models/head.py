@@ -7,7 +7,7 @@ with text embeddings starts as CLIP's zero-shot classifier.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -91,15 +91,16 @@ class IncrementalClassifier(nn.Module):
     def num_classes(self) -> int:
         return self.head.out_features
 
-    def grow(self, n_new: int, datamodule: Any = None) -> nn.Linear:
-        """Grow the head at a task's start. Backbones that take the dataset's normalisation or embed class
-        names (CLIP) get them from the task's datamodule; the new slice then starts from text embeddings."""
+    def grow(self, n_new: int, class_names: Sequence[str] | None = None,
+             normalization: tuple[Sequence[float], Sequence[float]] | None = None) -> nn.Linear:
+        """Grow the head by `n_new` outputs at a task's start. Backbones that undo the dataset's normalisation
+        (CLIP) get its (mean, std); backbones that embed text start the new slice from the embeddings of
+        `class_names`."""
+        if normalization is not None and hasattr(self.backbone, "set_input_normalization"):
+            self.backbone.set_input_normalization(*normalization)
         weight = None
-        scenario = getattr(datamodule, "scenario", None)
-        if scenario is not None and hasattr(self.backbone, "set_input_normalization"):
-            self.backbone.set_input_normalization(scenario.dataset.mean, scenario.dataset.std)
-        if scenario is not None and hasattr(self.backbone, "text_embeddings"):
-            weight = self.backbone.text_embeddings(datamodule.task_class_names)
+        if class_names is not None and hasattr(self.backbone, "text_embeddings"):
+            weight = self.backbone.text_embeddings(list(class_names))
         return self.head.grow(n_new, weight)
 
     def features(self, x: Tensor) -> Tensor:
