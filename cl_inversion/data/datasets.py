@@ -232,6 +232,13 @@ def _decode_folder(folder: Path, class_names: list[str], image_size: int | None)
     return torch.stack(images).permute(0, 3, 1, 2).contiguous(), torch.tensor(targets)
 
 
+def _cache_file(base: Path, image_size: int | None, class_names: list[str]) -> Path:
+    """Where the decoded tensors of `base` at `image_size` are kept, keyed on its file list."""
+    files = _folder_fingerprint(base, class_names)
+    key = hashlib.sha1(f"{base.resolve()}|{image_size}|{class_names}|{files}".encode()).hexdigest()[:16]
+    return Path(os.environ.get("CL_INVERSION_CACHE", "~/.cache/cl_inversion")).expanduser() / f"{key}.pt"
+
+
 def per_class_subset(targets: Tensor, per_class: int, seed: int) -> Tensor:
     """Sorted indices of a seeded random choice of up to `per_class` samples of every class."""
     order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(seed))
@@ -266,11 +273,7 @@ def imagefolder(
         if not (base / split).is_dir():
             raise ConfigError(f"dataset.root={root!r} has no {split}/ folder of class sub-folders")
     class_names = sorted(p.name for p in (base / "train").iterdir() if p.is_dir())
-    cache_file = None
-    if cache:
-        files = _folder_fingerprint(base, class_names)
-        key = hashlib.sha1(f"{base.resolve()}|{image_size}|{class_names}|{files}".encode()).hexdigest()[:16]
-        cache_file = Path(os.environ.get("CL_INVERSION_CACHE", "~/.cache/cl_inversion")).expanduser() / f"{key}.pt"
+    cache_file = _cache_file(base, image_size, class_names) if cache else None
     if cache_file is not None and cache_file.exists():
         blob = torch.load(cache_file)
     else:
