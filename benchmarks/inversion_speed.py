@@ -1,22 +1,33 @@
-"""PMI's claim, measured: per-layer inversion as the initialisation of full-model inversion reaches
-DeepInversion's end quality in far fewer full-model passes.
+"""PMI's speed claim, measured: does per-layer inversion, as the initialisation of a short full-model
+inversion, reach DeepInversion's end quality in fewer full-model passes?
 
-On one frozen teacher (trained here), synthesise the same images with (a) DeepInversion from noise
-and (b) per-layer init + full-model inversion, side by side in one process. Quality target =
-DeepInversion's own end quality: teacher accuracy on the batch (≥) and BN distance (≤; ViTs have no BN,
-so accuracy alone). For each: full-model passes (per-layer steps at their FLOP share) and wall time
-until the target is first met (quality checks are not timed). Two ablations on the same feature targets
-and budget say what the per-layer phase itself buys: PMI's full-model inversion from noise, and from real
-test images (a bound on any initialisation). Last output line: one JSON object.
+On one frozen teacher (trained here: a CNN, or with `--teacher vit` a small open_clip ViT image tower)
+the same number of images is synthesised, one arm after the other in one process, by (a) DeepInversion
+from noise, (b) PMI (per-layer init + full-model inversion), and two ablations on PMI's feature targets
+and budget: PMI's full-model inversion from noise (no per-layer phase) and from real test images (a
+bound on any initialisation).
 
-    python -m benchmarks.inversion_speed [--quick] [--dataset digits|cifar10] [--backbone clip_tiny]
+Criterion = what replay needs, both at least as good as DeepInversion's END values:
+  - teacher top-1 accuracy on the synthetic set vs its intended labels (>=), and
+  - Fréchet distance between the teacher's penultimate features of the synthetic set and of real
+    training images of the same classes (<=; a sample disjoint from the one PMI fits its Gaussians on).
+BN distance is recorded as a diagnostic only. Each arm is measured every few steps with the clock
+stopped; its cost to the criterion is full-model passes (per-layer steps at their FLOP share) and wall
+time. Decisive figure: data-free distillation accuracy — a fresh student of the teacher's architecture
+trained for a fixed short budget only on an arm's images with the teacher's soft labels (KD), evaluated
+on real test images — at each arm's end and at the point where it first meets the criterion.
+Last output line: one JSON object.
+
+    python -m benchmarks.inversion_speed [--quick] [--dataset digits|cifar10] [--teacher cnn|vit]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,95 +36,157 @@ import yaml
 from hydra.utils import instantiate
 
 from cl_inversion.inversion import BNStatistics
-from cl_inversion.inversion.common import balanced_labels, frozen_eval
+from cl_inversion.inversion.callback import batched_features, frechet_distance
+from cl_inversion.inversion.common import balanced_labels, frozen_eval, jitter_flip
 from cl_inversion.models import IncrementalClassifier
 from cl_inversion.run import build_dataset, compose
 
-SETTINGS = {  # dataset -> (overrides, teacher epochs, teacher subset)
-    "digits": (["dataset=digits", "backbone=small_cnn"], 15, None),
-    "cifar10": (["dataset=imagefolder", "backbone=resnet32"], 15, 10000),  # quick: 7 epochs on 5000 images
+# (dataset, teacher) -> config overrides and budgets. `epochs`/`subset`: the teacher's training (quick:
+# `quick_epochs`, half the subset); `di_steps`: DeepInversion's schedule (quick, full); `images`: the
+# synthetic set (quick, full); `distill`: the students' steps (quick, full).
+SETTINGS: dict[tuple[str, str], dict[str, Any]] = {
+    ("digits", "cnn"): {"overrides": ["dataset=digits", "backbone=small_cnn"], "epochs": 15, "quick_epochs": 7,
+                        "subset": None, "optimizer": "sgd", "di_steps": (400, 2000), "images": (256, 512),
+                        "distill": (300, 600)},
+    ("cifar10", "cnn"): {"overrides": ["dataset=imagefolder", "backbone=resnet32"], "epochs": 15,
+                         "quick_epochs": 7, "subset": 10000, "optimizer": "sgd", "di_steps": (400, 2000),
+                         "images": (128, 256), "distill": (200, 500)},
+    ("cifar10", "vit"): {"overrides": ["dataset=imagefolder", "backbone=clip_small"], "epochs": 8,
+                         "quick_epochs": 2, "subset": None, "optimizer": "adamw", "di_steps": (300, 2000),
+                         "images": (128, 256), "distill": (150, 500)},
+    ("digits", "vit"): {"overrides": ["dataset=digits", "backbone=clip_small"], "epochs": 30, "quick_epochs": 15,
+                        "subset": None, "optimizer": "adamw", "di_steps": (400, 2000), "images": (256, 512),
+                        "distill": (300, 600)},
 }
+REFERENCE = 7000  # real training images the Fréchet distance compares with (digits: all 1154 not fitted on)
+TEST_IMAGES = (2000, 10000)  # real test images the students are evaluated on (quick, full); digits has 450
 
 
-def train_teacher(cfg, bundle, epochs: int, subset: int | None, quick: bool) -> IncrementalClassifier:
-    torch.manual_seed(0)
+def build_net(cfg, bundle) -> IncrementalClassifier:
     net = IncrementalClassifier(instantiate(cfg.backbone))
-    net.grow(bundle.num_classes) if hasattr(net, "grow") else net.head.grow(bundle.num_classes)
+    net.grow(bundle.num_classes)
+    if hasattr(net.backbone, "set_input_normalization"):  # CLIP: undo the dataset's normalisation inside
+        net.backbone.set_input_normalization(bundle.mean, bundle.std)
+    return net
+
+
+def plain(dataset, index: torch.Tensor) -> torch.Tensor:
+    """Normalised images of `dataset` at `index`, without its training augmentation."""
+    images = dataset.images[index]
+    images = images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
+    return (images - dataset.mean) / dataset.std
+
+
+def train_teacher(cfg, bundle, setting: dict, quick: bool) -> tuple[IncrementalClassifier, dict[str, Any]]:
+    began = time.perf_counter()
+    torch.manual_seed(0)
+    net = build_net(cfg, bundle)
+    epochs = setting["quick_epochs"] if quick else setting["epochs"]
+    subset = setting["subset"]
     n = len(bundle.train) if subset is None else min(subset // (2 if quick else 1), len(bundle.train))
     index = torch.randperm(len(bundle.train))[:n]
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(bundle.train, index.tolist()), batch_size=128,
                                          shuffle=True)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.1, total_steps=epochs * len(loader))
+    if setting["optimizer"] == "adamw":  # ViTs from scratch: AdamW, one-cycle, label smoothing
+        peak, optimizer = 2e-3, torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=0.05)
+    else:
+        peak, optimizer = 0.1, torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, peak, total_steps=epochs * len(loader),
+                                                    pct_start=0.15 if setting["optimizer"] == "adamw" else 0.3)
+    smoothing = 0.1 if setting["optimizer"] == "adamw" else 0.0
     net.train()
     for _ in range(epochs):
         for x, y in loader:
-            loss = F.cross_entropy(net(x), y)
+            loss = F.cross_entropy(net(x), y, label_smoothing=smoothing)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             scheduler.step()
     net.eval().requires_grad_(False)
-    return net
+    test_x = plain(bundle.test, torch.arange(len(bundle.test)))
+    info = {"epochs": epochs, "train_images": n, "train_s": time.perf_counter() - began,
+            "test_accuracy": accuracy(net, test_x, bundle.test.targets)}
+    return net, info
 
 
 @torch.no_grad()
-def quality(teacher, images, labels) -> dict[str, float | None]:
-    with frozen_eval(teacher), BNStatistics(teacher) as bn:
-        accuracy = 100.0 * float((teacher(images).argmax(1) == labels).float().mean())
-        return {"teacher_accuracy": accuracy, "bn_distance": float(bn.kl()) if len(bn) else None}
+def accuracy(net, images: torch.Tensor, labels: torch.Tensor, batch: int = 500) -> float:
+    with frozen_eval(net):
+        predictions = torch.cat([net(images[i : i + batch]).argmax(1) for i in range(0, len(images), batch)])
+    return 100.0 * float((predictions == labels).float().mean())
+
+
+class Criterion:
+    """Replay's quality figures of a synthetic set; `meets` compares them with `thresholds` (once set)."""
+
+    def __init__(self, teacher, labels: torch.Tensor, real_features: torch.Tensor) -> None:
+        self.teacher, self.labels, self.real_features = teacher, labels, real_features
+        self.thresholds: dict[str, float] | None = None
+
+    @torch.no_grad()
+    def measure(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float | None]:
+        labels = self.labels if labels is None else labels
+        with frozen_eval(self.teacher), BNStatistics(self.teacher) as bn:
+            features = self.teacher.features(images).float()
+            bn_distance = float(bn.kl()) if len(bn) else None
+            logits = self.teacher.head(features)
+        return {"teacher_accuracy": 100.0 * float((logits.argmax(1) == labels).float().mean()),
+                "feature_distance": frechet_distance(features, self.real_features),
+                "bn_distance": bn_distance}  # diagnostic only
+
+    def meets(self, q: dict) -> bool:
+        t = self.thresholds
+        return q["teacher_accuracy"] >= t["teacher_accuracy"] and q["feature_distance"] <= t["feature_distance"]
 
 
 class Watch:
-    """Step hook: records quality every `every` steps with the clock stopped while it checks."""
+    """Step hook: the criterion's figures every `every` steps with the clock stopped while it measures;
+    keeps the images where the criterion is first met (or every measured batch, `keep_all`, for the arm
+    that sets the thresholds)."""
 
-    def __init__(self, teacher, labels, engine, every: int, target: dict | None = None) -> None:
-        self.teacher, self.labels, self.engine, self.every, self.target = teacher, labels, engine, every, target
+    def __init__(self, criterion: Criterion, engine, every: int, keep_all: bool = False) -> None:
+        self.criterion, self.engine, self.every, self.keep_all = criterion, engine, every, keep_all
         self.paused = 0.0
         self.started = time.perf_counter()
-        self.reached: dict[str, Any] | None = None  # both criteria
-        self.reached_accuracy: dict[str, Any] | None = None
         self.curve: list[dict[str, Any]] = []
+        self.snapshots: list[torch.Tensor] = []
+        self.reached: dict[str, Any] | None = None
+        self.reached_images: torch.Tensor | None = None
         self.start_images: torch.Tensor | None = None
-
-    def meets(self, q: dict, accuracy_only: bool = False) -> bool:
-        t = self.target
-        ok = q["teacher_accuracy"] >= t["teacher_accuracy"]
-        if not accuracy_only and t["bn_distance"] is not None and q["bn_distance"] is not None:
-            ok = ok and q["bn_distance"] <= t["bn_distance"]
-        return ok
 
     def __call__(self, images, step: int) -> None:
         if (step + 1) % self.every:
             return
         pause = time.perf_counter()
-        if step < 0:
-            self.start_images = images.clone()  # the engine updates its tensor in place
-        q = quality(self.teacher, images, self.labels)
+        q = self.criterion.measure(images)
         point = {"step": step + 1, "passes": self.engine.stats.full_model_passes,
                  "wall_s": pause - self.started - self.paused, **q}
         self.curve.append(point)
-        if self.target is not None and self.reached is None and self.meets(q):
-            self.reached = point
-        if self.target is not None and self.reached_accuracy is None and self.meets(q, accuracy_only=True):
-            self.reached_accuracy = point
+        if step < 0:
+            self.start_images = images.clone()  # the engine updates its tensor in place
+        if self.keep_all:
+            self.snapshots.append(images.clone())
+        if self.criterion.thresholds is not None and self.reached is None and self.criterion.meets(q):
+            self.reached, self.reached_images = point, images.clone()
         self.paused += time.perf_counter() - pause
+
+    def settle(self) -> None:
+        """For the threshold-setting arm: its first measured point that meets the thresholds set afterwards."""
+        for point, images in zip(self.curve, self.snapshots):
+            if self.criterion.meets(point):
+                self.reached, self.reached_images = point, images
+                break
+        self.snapshots = []
 
 
 def summary(point: dict | None) -> dict | None:
-    return None if point is None else {k: point[k] for k in ("step", "passes", "wall_s", "teacher_accuracy",
-                                                             "bn_distance")}
+    keys = ("step", "passes", "wall_s", "teacher_accuracy", "feature_distance", "bn_distance")
+    return None if point is None else {k: point[k] for k in keys}
 
 
-def arm(teacher, watch: Watch, targets, reached_di: dict, reached_di_accuracy: dict) -> dict[str, Any]:
-    """One ablation arm: where it first meets the target (both criteria / accuracy alone), its start and end,
-    speedups."""
-    both, accuracy = watch.reached, watch.reached_accuracy
-    return {"reached": summary(both), "reached_accuracy_only": summary(accuracy), "start": summary(watch.curve[0]),
-            "start_feature_error": feature_error(teacher, watch.start_images, targets),
-            "end": summary(watch.curve[-1]),
-            "speedup_passes": speedup(reached_di, both, "passes"),
-            "speedup_passes_accuracy": speedup(reached_di_accuracy, accuracy, "passes")}
+def speedup(reference: dict | None, point: dict | None, key: str) -> float | None:
+    """reference / point; None when either never met the criterion, or met it at the start (zero cost)."""
+    return None if reference is None or point is None or not point[key] else reference[key] / point[key]
 
 
 @torch.no_grad()
@@ -123,57 +196,106 @@ def feature_error(teacher, images, targets) -> float:
         return float((teacher.features(images) - targets).pow(2).mean() / targets.pow(2).mean())
 
 
-def speedup(reference: dict, point: dict | None, key: str) -> float | None:
-    """reference / point; None when the point never met the target, or met it at the start (zero cost)."""
-    return None if point is None or not point[key] else reference[key] / point[key]
+def distill(teacher, student, images: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, *, steps: int,
+            batch: int = 64, lr: float = 1e-3, temperature: float = 4.0, jitter: int = 0, flip: bool = False,
+            seed: int = 0) -> float:
+    """Data-free distillation: train `student` (fresh) for `steps` Adam steps (cosine lr) on `images` only,
+    on the KL divergence to the teacher's temperature-softened outputs on the same (jittered/flipped) views;
+    return the student's top-1 accuracy (%) on the real `test_x`."""
+    generator = torch.Generator().manual_seed(seed)
+    rng = torch.get_rng_state()
+    torch.manual_seed(seed)  # the same augmentation draws for every arm
+    optimizer = torch.optim.Adam(student.parameters(), lr=lr)
+    student.train()
+    try:
+        for step in range(steps):
+            for group in optimizer.param_groups:
+                group["lr"] = 0.5 * lr * (1 + math.cos(math.pi * step / steps))
+            x = images[torch.randint(len(images), (min(batch, len(images)),), generator=generator)]
+            x = jitter_flip(x, jitter, flip)
+            with torch.no_grad(), frozen_eval(teacher):
+                soft = F.softmax(teacher(x) / temperature, dim=1)
+            log_student = F.log_softmax(student(x) / temperature, dim=1)
+            loss = F.kl_div(log_student, soft, reduction="batchmean") * temperature**2
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_rng_state(rng)
+    student.eval()
+    return accuracy(student, test_x, test_y)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smaller budgets (under 10 minutes on 2 cores)")
-    parser.add_argument("--dataset", choices=sorted(SETTINGS), default="digits")
-    parser.add_argument("--backbone", default=None, help="override the backbone config (e.g. clip_tiny)")
-    parser.add_argument("--images", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help="smaller budgets (minutes on 2 cores)")
+    parser.add_argument("--dataset", choices=("digits", "cifar10"), default=None,
+                        help="default: digits for the CNN teacher, cifar10 for the ViT")
+    parser.add_argument("--teacher", choices=("cnn", "vit"), default="cnn",
+                        help="cnn: the dataset's CNN (small_cnn / resnet32); vit: an open_clip ViT (clip_small)")
+    parser.add_argument("--backbone", default=None, help="override the teacher's backbone config (e.g. clip_tiny)")
+    parser.add_argument("--image-size", type=int, default=16, help="cifar10: resize to this size (the cached 16)")
+    parser.add_argument("--images", type=int, default=None, help="synthetic images per arm")
+    parser.add_argument("--di-steps", type=int, default=None, help="DeepInversion's steps (sets the thresholds)")
+    parser.add_argument("--teacher-epochs", type=int, default=None)
+    parser.add_argument("--distill-steps", type=int, default=None, help="student steps per distillation")
+    parser.add_argument("--test-images", type=int, default=None, help="real test images the students are scored on")
+    parser.add_argument("--every", type=int, default=5, help="measure the criterion every this many steps")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--save", type=Path, default=None, help="write each arm's images (end, at criterion) here")
     parser.add_argument("--verbose", action="store_true", help="print the quality curves")
     parser.add_argument("--pmi-set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a per_layer engine setting of the dataset's config (repeatable), "
                              "e.g. --pmi-set full_steps=60 --pmi-set bn_loss=norm")
     args = parser.parse_args(argv)
-
-    overrides, epochs, subset = SETTINGS[args.dataset]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dataset = args.dataset or ("cifar10" if args.teacher == "vit" else "digits")
+    setting = dict(SETTINGS[(dataset, args.teacher)])
+    if args.teacher_epochs is not None:
+        setting["epochs"] = setting["quick_epochs"] = args.teacher_epochs
+    overrides = list(setting["overrides"])
+    if dataset == "cifar10":
+        overrides.append(f"dataset.image_size={args.image_size}")
     if args.backbone:
         overrides = [o for o in overrides if not o.startswith("backbone=")] + [f"backbone={args.backbone}"]
     cfg = compose(overrides)
     bundle = build_dataset(cfg)
-    began = time.perf_counter()
-    teacher = train_teacher(cfg, bundle, epochs if not args.quick else max(2, epochs // 2), subset, args.quick)
-    teacher_s = time.perf_counter() - began
-    n = args.images or (128 if args.quick else 256)
+    quick = 0 if args.quick else 1
+    teacher, teacher_info = train_teacher(cfg, bundle, setting, args.quick)
+    n = args.images or setting["images"][quick]
     classes = list(range(bundle.num_classes))
     labels = balanced_labels(classes, n)
     pixel_range = bundle.pixel_range()
-    di_steps = 400 if args.quick else 2000
-    every = 5
+    di_steps = args.di_steps or setting["di_steps"][quick]
+    every = args.every
+
+    # real images: PMI's feature model fits on one sample of the training set (every 7th image), the
+    # criterion's Fréchet reference is drawn from the rest (at most REFERENCE images); students score on test images
+    everything = torch.arange(len(bundle.train))
+    fit_index, rest = everything[everything % 7 == 0], everything[everything % 7 != 0]
+    reference_index = rest[:: math.ceil(len(rest) / REFERENCE)]
+    train_sample = [(plain(bundle.train, fit_index), bundle.train.targets[fit_index])]
+    reference = plain(bundle.train, reference_index)
+    with frozen_eval(teacher):
+        real_features = batched_features(teacher, reference)
+    criterion = Criterion(teacher, labels, real_features)
+    test_pick = torch.randperm(len(bundle.test), generator=torch.Generator().manual_seed(0))
+    test_pick = test_pick[: args.test_images or TEST_IMAGES[quick]]
+    test_x, test_y = plain(bundle.test, test_pick), bundle.test.targets[test_pick]
 
     torch.manual_seed(1)
-    # both engines as the framework builds them for this dataset (conf/inversion + conf/budget), same batch
+    # the engines as the framework builds them for this dataset (conf/inversion + conf/budget), same batch
     di = instantiate(cfg.inversion.pixel, steps=di_steps, batch_size=n, progress=False)
     di.setup(bundle.image_shape, pixel_range)
-    watch_di = Watch(teacher, labels, di, every)
+    watch_di = Watch(criterion, di, every, keep_all=True)
     di.step_hook = watch_di
-    images, _ = di.synthesize(teacher, classes, n)
-    target = quality(teacher, images, labels)
-    # for scale: the same measures on a batch of real test images
-    pick = torch.randperm(len(bundle.test), generator=torch.Generator().manual_seed(0))[:n].tolist()
-    real_quality = quality(teacher, torch.stack([bundle.test[i][0] for i in pick]), bundle.test.targets[pick])
-    watch_di.target = target
-    reached_di = next(p for p in watch_di.curve if watch_di.meets(p))
-    reached_di_accuracy = next(p for p in watch_di.curve if watch_di.meets(p, accuracy_only=True))
+    di_images, _ = di.synthesize(teacher, classes, n)
+    end = watch_di.curve[-1]
+    criterion.thresholds = {"teacher_accuracy": end["teacher_accuracy"], "feature_distance": end["feature_distance"]}
+    watch_di.settle()
 
     pmi_args = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in args.pmi_set)}
-    train_sample = [(bundle.train[i][0][None], bundle.train.targets[i : i + 1])
-                    for i in range(0, len(bundle.train), 7)]
-    train_sample = [(torch.cat([x for x, _ in train_sample]), torch.cat([y for _, y in train_sample]))]
 
     def pmi_engine(fitted=None, **overrides):
         """A per-layer engine; its task-boundary feature model fitted (timed) or shared with `fitted`."""
@@ -189,59 +311,101 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(1)
     pmi, feature_model_s = pmi_engine()  # the boundary's Gaussians + selector: reported, not counted
     after_fit = torch.get_rng_state()  # the ablations restart here: the same sampled feature targets
-    watch_pmi = Watch(teacher, labels, pmi, every, target)
+    watch_pmi = Watch(criterion, pmi, every)
     pmi.step_hook = watch_pmi
-    pmi.synthesize(teacher, classes, n)
-    reached_pmi, reached_pmi_accuracy = watch_pmi.reached, watch_pmi.reached_accuracy
+    pmi_images, _ = pmi.synthesize(teacher, classes, n)
 
     # Ablations, same targets and budget: what the per-layer phase itself buys.
     # (1) PMI's full-model inversion from noise (layer_steps=0);
     torch.set_rng_state(after_fit)
     no_layers, _ = pmi_engine(pmi, layer_steps=0)
-    watch_no_layers = Watch(teacher, labels, no_layers, every, target)
+    watch_no_layers = Watch(criterion, no_layers, every)
     no_layers.step_hook = watch_no_layers
-    no_layers.synthesize(teacher, classes, n)
+    no_layers_images, _ = no_layers.synthesize(teacher, classes, n)
     if not torch.equal(no_layers.last_targets, pmi.last_targets):
         raise RuntimeError("ablation without the per-layer phase sampled other feature targets than PMI")
     # (2) the same from real test images of the same labels: a bound on what any initialisation can buy.
     torch.set_rng_state(after_fit)
     from_real, _ = pmi_engine(pmi)
     by_class = {c: (bundle.test.targets == c).nonzero().flatten().tolist() for c in classes}
-    real_init = torch.stack([bundle.test[by_class[int(c)].pop(0)][0] for c in labels])
-    watch_real = Watch(teacher, labels, from_real, every, target)
+    real_init = plain(bundle.test, torch.tensor([by_class[int(c)].pop(0) for c in labels]))
+    watch_real = Watch(criterion, from_real, every)
     from_real.step_hook = watch_real
     with frozen_eval(teacher):
-        from_real.invert_full(teacher, real_init, pmi.last_targets, labels)
+        from_real_images = from_real.invert_full(teacher, real_init, pmi.last_targets, labels)
+
+    # Data-free distillation: the same fresh student (seed), budget and augmentation for every image set.
+    distill_steps = args.distill_steps or setting["distill"][quick]
+    jitter, flip = int(cfg.inversion.pixel.jitter), bool(cfg.inversion.per_layer.flip)
+    distill_settings = {"steps": distill_steps, "batch": 64, "lr": 1e-3, "temperature": 4.0, "jitter": jitter,
+                        "flip": flip, "test_images": len(test_y), "optimizer": "adam, cosine",
+                        "student": "fresh, the teacher's architecture (seed 0)"}
+
+    def student_accuracy(images: torch.Tensor) -> float:
+        torch.manual_seed(0)
+        student = build_net(cfg, bundle)
+        return distill(teacher, student, images, test_x, test_y, steps=distill_steps, jitter=jitter, flip=flip)
+
+    began = time.perf_counter()
+    arms = {"deepinversion": (watch_di, di_images), "pmi": (watch_pmi, pmi_images),
+            "pmi_without_per_layer": (watch_no_layers, no_layers_images),
+            "pmi_from_real_images": (watch_real, from_real_images)}
+    reached_di = watch_di.reached
+    report: dict[str, dict[str, Any]] = {}
+    for name, (watch, images) in arms.items():
+        end_accuracy = student_accuracy(images)
+        at = None
+        if watch.reached is not None:  # the same images as the end when the criterion is first met there
+            same = watch.reached["step"] == watch.curve[-1]["step"]
+            at = end_accuracy if same else student_accuracy(watch.reached_images)
+        report[name] = {"start": summary(watch.curve[0]), "reached": summary(watch.reached),
+                        "end": summary(watch.curve[-1]),
+                        "distillation_accuracy": {"end": end_accuracy, "at_criterion": at}}
+        if name != "deepinversion":
+            report[name]["speedup_passes"] = speedup(reached_di, watch.reached, "passes")
+            report[name]["speedup_wall"] = speedup(reached_di, watch.reached, "wall_s")
+        if args.save is not None:
+            args.save.mkdir(parents=True, exist_ok=True)
+            torch.save({"end": images, "at_criterion": watch.reached_images, "labels": labels},
+                       args.save / f"{name}.pt")
+    real_pick = torch.cat([(bundle.train.targets[reference_index] == c).nonzero().flatten()[: (labels == c).sum()]
+                           for c in classes])
+    real_images = reference[real_pick]  # n real training images, class-balanced: distillation's reference
+    real_distill = student_accuracy(real_images)
+    distill_s = time.perf_counter() - began
+    real_test = criterion.measure(real_init)  # the same figures on real test images, for scale
 
     result = {
-        "dataset": args.dataset, "backbone": cfg.backbone._target_.rsplit(".", 1)[-1] if not args.backbone
-        else args.backbone, "n_images": n, "quick": args.quick, "teacher_train_s": teacher_s,
-        "target": target, "deepinversion": summary(reached_di),
-        "pmi": summary(reached_pmi), "pmi_end": summary(watch_pmi.curve[-1]),
-        "pmi_start": summary(watch_pmi.curve[0]),  # the per-layer image, before any full-model step
+        "dataset": dataset, "teacher": args.teacher,
+        "backbone": args.backbone or cfg.backbone.get("model_name") or cfg.backbone._target_.rsplit(".", 1)[-1],
+        "image_shape": list(bundle.image_shape), "n_images": n, "quick": args.quick,
+        "threads": torch.get_num_threads(), "teacher_info": teacher_info,
+        "criterion": {
+            "figures": {"teacher_accuracy": ">=", "feature_distance": "<="},
+            "reference": f"DeepInversion's end values ({di_steps} steps)", **criterion.thresholds,
+            "feature_distance_reference": f"Fréchet distance of teacher penultimate features to {len(reference)} "
+                                          "real training images (all classes)",
+            "measured_every": every, "diagnostic_only": ["bn_distance"]},
+        "deepinversion": report["deepinversion"], "pmi": report["pmi"],
+        "ablations": {k: report[k] for k in ("pmi_without_per_layer", "pmi_from_real_images")},
+        "speedup_passes": report["pmi"]["speedup_passes"], "speedup_wall": report["pmi"]["speedup_wall"],
+        "distillation": {**distill_settings, "real_train_images_accuracy": real_distill, "total_s": distill_s},
+        "real_test_batch": real_test,
         # how far the per-layer chain carries the target back: each block's relative reconstruction error
-        # (first step, last step; stem first) and the per-layer image's features vs their targets
+        # (first step, last step; image-level block first) and the per-layer image's features vs their targets
         "pmi_block_relative_errors": pmi.block_losses,
         "pmi_start_feature_error": feature_error(teacher, watch_pmi.start_images, pmi.last_targets),
+        "from_real_start_feature_error": feature_error(teacher, watch_real.start_images, pmi.last_targets),
         "pmi_per_layer_passes": pmi.stats.full_model_passes - pmi.full_steps,
         "pmi_feature_model_s": feature_model_s,
-        "real_batch": real_quality,
-        # equal quality = both criteria; null when PMI's budget never reaches it
-        "speedup_passes": speedup(reached_di, reached_pmi, "passes"),
-        "speedup_wall": speedup(reached_di, reached_pmi, "wall_s"),
-        # teacher accuracy alone (the criterion that applies to ViTs, which have no BN statistics)
-        "deepinversion_accuracy_only": summary(reached_di_accuracy),
-        "pmi_accuracy_only": summary(reached_pmi_accuracy),
-        "speedup_passes_accuracy": speedup(reached_di_accuracy, reached_pmi_accuracy, "passes"),
-        "speedup_wall_accuracy": speedup(reached_di_accuracy, reached_pmi_accuracy, "wall_s"),
+        "engines": {"deepinversion": {"steps": di_steps, "lr": di.lr, "jitter": di.jitter, "flip": di.flip},
+                    "pmi": {"layer_steps": pmi.layer_steps, "full_steps": pmi.full_steps, "lr": pmi.lr,
+                            "layer_lr": pmi.layer_lr, **pmi_args}},
+        "notes": sorted(set(di.stats.notes + pmi.stats.notes)),
     }
-    result["ablations"] = {name: arm(teacher, watch, pmi.last_targets, reached_di, reached_di_accuracy)
-                           for name, watch in (("pmi_without_per_layer", watch_no_layers),
-                                               ("pmi_from_real_images", watch_real))}
     if args.verbose:
-        for name, watch in (("deepinversion", watch_di), ("pmi", watch_pmi), ("without_per_layer", watch_no_layers),
-                            ("from_real_images", watch_real)):
-            for point in watch.curve[:: max(1, len(watch.curve) // 8)]:
+        for name, (watch, _) in arms.items():
+            for point in watch.curve[:: max(1, len(watch.curve) // 8)] + watch.curve[-1:]:
                 print(name, {k: round(v, 4) if isinstance(v, float) else v for k, v in point.items()})
     print(json.dumps(result))
     return result

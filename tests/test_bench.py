@@ -22,32 +22,94 @@ def test_last_json_line():
     assert run_all.last_json('progress\n{"ratio": 1.0}\n') == {"ratio": 1.0}
 
 
-def test_inversion_speed_reports_both_engines_and_speedups():
+def _inversion_speed(*flags: str) -> dict:
     import subprocess
     import sys
 
     from conftest import REPO
 
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.inversion_speed", "--quick", "--images", "32"],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.inversion_speed", "--threads", "1", *flags],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    for key in ("speedup_passes", "speedup_wall", "deepinversion", "pmi", "target", "speedup_passes_accuracy"):
-        assert key in result
-    assert result["deepinversion"]["passes"] > 0
-    assert 0 < result["pmi_per_layer_passes"] <= 50  # 50 steps per block, each at its FLOP share
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+ARMS = ("deepinversion", "pmi", "pmi_without_per_layer", "pmi_from_real_images")
+
+
+def _arms(result: dict) -> dict:
+    return {"deepinversion": result["deepinversion"], "pmi": result["pmi"], **result["ablations"]}
+
+
+def _check_criterion_and_distillation(result: dict) -> None:
+    """The criterion is DeepInversion's end (accuracy >=, Fréchet distance <=); an arm's `reached` point meets
+    it, its speedups and at-criterion distillation exist exactly when it does; students score in [0, 100]."""
+    crit = result["criterion"]
+    assert set(crit["figures"]) == {"teacher_accuracy", "feature_distance"}
+    assert crit["diagnostic_only"] == ["bn_distance"]
+    di_end = result["deepinversion"]["end"]
+    assert crit["teacher_accuracy"] == di_end["teacher_accuracy"]
+    assert crit["feature_distance"] == di_end["feature_distance"] > 0
+    arms = _arms(result)
+    assert set(arms) == set(ARMS)
+    assert arms["deepinversion"]["reached"]["passes"] <= di_end["passes"]  # it meets its own end values
+    for name, arm in arms.items():
+        reached, distill = arm["reached"], arm["distillation_accuracy"]
+        assert 0 <= distill["end"] <= 100
+        assert arm["start"]["step"] == 0 and arm["end"]["step"] >= (reached or arm["end"])["step"]
+        if reached is None:
+            assert distill["at_criterion"] is None
+        else:
+            assert reached["teacher_accuracy"] >= crit["teacher_accuracy"]
+            assert reached["feature_distance"] <= crit["feature_distance"]
+            assert 0 <= distill["at_criterion"] <= 100
+        if name != "deepinversion":
+            expected = None if reached is None or not reached["passes"] else (
+                arms["deepinversion"]["reached"]["passes"] / reached["passes"])
+            assert arm["speedup_passes"] == expected
+            assert (arm["speedup_wall"] is None) == (expected is None)
+    assert result["speedup_passes"] == result["pmi"]["speedup_passes"]
+    assert result["speedup_wall"] == result["pmi"]["speedup_wall"]
+
+
+def test_inversion_speed_reports_both_engines_and_speedups():
+    """Digits, CNN teacher, tiny budgets: every arm's criterion figures, speedups and distillation accuracy."""
+    result = _inversion_speed("--quick", "--images", "40", "--di-steps", "60", "--distill-steps", "40",
+                              "--pmi-set", "full_steps=60")
+    assert result["teacher"] == "cnn" and result["dataset"] == "digits" and result["n_images"] == 40
+    assert result["teacher_info"]["test_accuracy"] > 80  # the small CNN learns the digits in 7 epochs
+    _check_criterion_and_distillation(result)
+    # a student distilled on real training images beats chance by far: the distillation measures something
+    assert result["distillation"]["real_train_images_accuracy"] > 50
+    assert 0 < result["pmi_per_layer_passes"] <= 10  # 10 steps per block (digits budget), each at its FLOP share
     assert result["pmi_feature_model_s"] > 0  # the boundary's feature model, timed apart
-    real = result["real_batch"]  # the same measures on real test images, for scale
-    assert 50 < real["teacher_accuracy"] <= 100 and real["bn_distance"] > 0
+    real = result["real_test_batch"]  # the same measures on real test images, for scale
+    assert 50 < real["teacher_accuracy"] <= 100 and real["bn_distance"] > 0 and real["feature_distance"] > 0
     # ablations on the same targets: no per-layer phase (full steps only), and real images as the start
     ablations = result["ablations"]
-    assert ablations["pmi_without_per_layer"]["end"]["passes"] == result["pmi_end"]["step"]
-    assert ablations["pmi_from_real_images"]["end"]["passes"] == result["pmi_end"]["step"]
-    assert result["pmi_end"]["passes"] > result["pmi_end"]["step"]  # the per-layer passes come on top
-    start = result["pmi_start"]  # the per-layer image, before the first full-model step
+    assert ablations["pmi_without_per_layer"]["end"]["passes"] == result["pmi"]["end"]["step"] == 60
+    assert ablations["pmi_from_real_images"]["end"]["passes"] == 60
+    assert result["pmi"]["end"]["passes"] > result["pmi"]["end"]["step"]  # the per-layer passes come on top
+    start = result["pmi"]["start"]  # the per-layer image, before the first full-model step
     assert start["step"] == 0 and abs(start["passes"] - result["pmi_per_layer_passes"]) < 1e-6
     assert len(result["pmi_block_relative_errors"]) == 3  # small CNN: stem + 2 stages
-    assert result["pmi_start_feature_error"] > 0 and ablations["pmi_from_real_images"]["start_feature_error"] > 0
+    assert result["pmi_start_feature_error"] > 0 and result["from_real_start_feature_error"] > 0
+    assert result["deepinversion"]["end"]["bn_distance"] > 0  # a diagnostic, still reported
+
+
+def test_inversion_speed_vit_teacher():
+    """`--teacher vit` (clip_small, an open_clip ViT trained in the benchmark; digits keeps it local and fast):
+    no BatchNorm, per-layer inversion walks stem + 4 transformer blocks + pool, same figures per arm."""
+    result = _inversion_speed("--quick", "--teacher", "vit", "--dataset", "digits", "--teacher-epochs", "6",
+                              "--images", "30", "--di-steps", "30", "--distill-steps", "20",
+                              "--pmi-set", "layer_steps=5", "--pmi-set", "full_steps=30")
+    assert result["teacher"] == "vit" and result["backbone"] == "clip_small"
+    assert result["teacher_info"]["test_accuracy"] > 30  # trained here from random init (chance: 10 %)
+    _check_criterion_and_distillation(result)
+    assert len(result["pmi_block_relative_errors"]) == 6  # stem, 4 residual blocks, pool
+    for arm in _arms(result).values():
+        assert arm["end"]["bn_distance"] is None  # a ViT has no BN statistics
+    assert any("no BatchNorm" in note for note in result["notes"])
 
 
 def test_synthesis_speed_reports_every_engine_and_option_ratio():
