@@ -1,41 +1,9 @@
-"""Shared helpers: the CLI in a subprocess and Hydra composition, both on the real config tree."""
+"""Fixtures: the CLI in a subprocess and Hydra composition, both on the real config tree (helpers.py)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
-SHARED_CIFAR10 = REPO.parent / "shared" / "datasets" / "cifar10"
-FAST = ["trainer.max_epochs=2", "trainer.enable_progress_bar=false"]
-
-
-def cli_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({"WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"})
-    env.pop("HYDRA_FULL_ERROR", None)
-    return env
-
-
-def run_cli(*overrides: str, run_dir: Path | None = None, check: bool = True, timeout: int = 600,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`python -m cl_inversion <overrides>` in a subprocess; `run_dir` becomes hydra.run.dir."""
-    args = [sys.executable, "-m", "cl_inversion", *overrides]
-    if run_dir is not None:
-        args.append(f"hydra.run.dir={run_dir}")
-    proc = subprocess.run(args, cwd=REPO, env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def read_results(run_dir: Path) -> dict:
-    return json.loads((run_dir / "results.json").read_text())
+from helpers import run_cli
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """The whole program through its CLI, on digits."""
 
 import torch
-from conftest import FAST, read_results, run_cli
+from helpers import FAST, read_results, run_cli
 
 
 def test_default_run_writes_results_and_checkpoints(cli, tmp_path):

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, cli_env
+from helpers import REPO, cli_env
 
 from cl_inversion import entry
 

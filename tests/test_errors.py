@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import REPO, cli_env, read_results, run_cli
+from helpers import REPO, cli_env, read_results, run_cli
 
 BASE = ["method=finetune", "dataset=digits", "scenario.n_tasks=2", "trainer.max_epochs=1",
         "trainer.enable_progress_bar=false", "logger=none"]

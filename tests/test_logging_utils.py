@@ -11,7 +11,7 @@ import struct
 import time
 from pathlib import Path
 
-from tests.conftest import cli_env, read_results, run_cli
+from helpers import cli_env, read_results, run_cli
 
 QUICK = ["logger=wandb", "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "scenario.n_tasks=2"]
 

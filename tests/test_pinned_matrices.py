@@ -10,7 +10,7 @@ import pytest
 
 from cl_inversion.run import compose, run
 
-PINNED = json.loads((Path(__file__).parent / "data" / "pinned_digits.json").read_text())
+PINNED = json.loads((Path(__file__).parent / "fixtures" / "pinned_digits.json").read_text())
 TOLERANCE = 1e-6  # percent; the same thread count gives the same arithmetic
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli
+from helpers import REPO, run_cli
 
 from cl_inversion.data.datasets import imagefolder
 from cl_inversion.errors import ConfigError

@@ -9,8 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from helpers import REPO, cli_env
+
 from cl_inversion.io import write_json
-from tests.conftest import REPO, cli_env
 
 
 def fake_run(path: Path, method: str, seed: int, matrix: list[list[float]], status: str = "completed",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, cli_env, read_results, run_cli
+from helpers import REPO, cli_env, read_results, run_cli
 
 COMMON = ["dataset=digits", "trainer.max_epochs=2", "trainer.enable_progress_bar=false", "logger=none", "seed=3",
           "+callbacks.probe._target_=tests.probe.StateProbe"]

@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import REPO, cli_env, read_results, run_cli
+from helpers import REPO, cli_env, read_results, run_cli
 
 QUICK = ["trainer.max_epochs=1", "trainer.enable_progress_bar=false", "scenario.n_tasks=2"]
 

@@ -3,7 +3,7 @@ among a local multirun's jobs, the CPU affinity; recorded in results.json."""
 
 import pytest
 import torch
-from conftest import cli_env, read_results, run_cli
+from helpers import cli_env, read_results, run_cli
 
 from cl_inversion.errors import ConfigError
 from cl_inversion.threads import available_cores, job_threads, set_job_threads

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import read_results
+from helpers import read_results
 from torch import nn
 
 from cl_inversion.errors import ConfigError

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAST, read_results, run_cli
+from helpers import FAST, read_results, run_cli
 from torch import nn
 
 from cl_inversion.data import ClassIncrementalScenario, digits

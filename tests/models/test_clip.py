@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import read_results
+from helpers import read_results
 
 from cl_inversion.data import ClassIncrementalScenario, digits
 from cl_inversion.errors import ConfigError
