@@ -34,3 +34,25 @@ def run_cli(*overrides: str, run_dir: Path | None = None, check: bool = True, ti
 
 def read_results(run_dir: Path) -> dict:
     return json.loads((run_dir / "results.json").read_text())
+
+
+def student_at_second_task(cls, **kwargs):
+    """A method after task 0 of digits (4 classes), at the start of task 1 (2 new classes), the first layer
+    nudged so the network differs from its frozen previous copy."""
+    import functools
+
+    import torch
+
+    from cl_inversion.data import ClassIncrementalScenario, digits
+    from cl_inversion.models import IncrementalClassifier, SmallCNN
+
+    sc = ClassIncrementalScenario(digits(), n_tasks=4, first_task_classes=4)
+    torch.manual_seed(0)
+    m = cls(IncrementalClassifier(SmallCNN(1, width=8)), optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+            **kwargs)
+    m.begin_task(0, 4, sc.datamodule(0, 8))
+    m.end_task(sc.datamodule(0, 8))
+    m.begin_task(1, 2, sc.datamodule(1, 8))
+    with torch.no_grad():
+        m.net.backbone.stem[0].weight.add_(0.05)
+    return m

@@ -3,16 +3,15 @@
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import student_at_second_task
 from torch import nn
 
-from cl_inversion.data import ClassIncrementalScenario, digits
 from cl_inversion.inversion.common import BNStatistics, abd_blur_kernel, frozen_eval, gaussian_blur, total_variation_l2
 from cl_inversion.inversion.generator import GeneratorInversion
 from cl_inversion.inversion.pixel import PixelInversion
@@ -20,7 +19,7 @@ from cl_inversion.inversion.replay import BufferReplay
 from cl_inversion.methods import ABD, RDFCIL, DeepInversion, LwF
 from cl_inversion.methods.base import distillation
 from cl_inversion.methods.relation import RelationProjection
-from cl_inversion.models import CifarResNet, IncrementalClassifier, SmallCNN
+from cl_inversion.models import CifarResNet, IncrementalClassifier
 
 
 def trained_like_resnet(variant: str = "abd") -> nn.Module:
@@ -105,15 +104,7 @@ def test_distillation_is_abds_unnormalised_kd():
 
 
 def after_first_task(cls, **kwargs):
-    sc = ClassIncrementalScenario(digits(), n_tasks=4, first_task_classes=4)
-    torch.manual_seed(0)
-    m = cls(IncrementalClassifier(SmallCNN(1, width=8)), optimizer=functools.partial(torch.optim.SGD, lr=0.1),
-            **kwargs)
-    m.begin_task(0, 4, sc.datamodule(0, 8))
-    m.end_task(sc.datamodule(0, 8))
-    m.begin_task(1, 2, sc.datamodule(1, 8))
-    with torch.no_grad():
-        m.net.backbone.stem[0].weight.add_(0.05)
+    m = student_at_second_task(cls, **kwargs)
     m.net.eval()  # fixed BN statistics: the by-hand forward below sees the same logits
     return m
 

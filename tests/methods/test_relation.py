@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import student_at_second_task
 
 from cl_inversion.data import ClassIncrementalScenario, digits
 from cl_inversion.inversion.replay import BufferReplay
@@ -66,23 +67,9 @@ def test_loss_adds_local_ce_hkd_and_rkd_and_projection_is_trained():
     assert any(p is m.projection.teacher.weight for p in m.trainable_parameters())
 
 
-def boundary_ready(cls, **kwargs):
-    """A method after task 0 of digits (4 classes), training task 1 (2 new classes)."""
-    sc = ClassIncrementalScenario(digits(), n_tasks=4, first_task_classes=4)
-    torch.manual_seed(0)
-    m = cls(IncrementalClassifier(SmallCNN(1, width=8)), optimizer=functools.partial(torch.optim.SGD, lr=0.1),
-            **kwargs)
-    m.begin_task(0, 4, sc.datamodule(0, 8))
-    m.end_task(sc.datamodule(0, 8))
-    m.begin_task(1, 2, sc.datamodule(1, 8))
-    with torch.no_grad():
-        m.net.backbone.stem[0].weight.add_(0.05)
-    return m
-
-
 @pytest.mark.parametrize("scope", ["head", "all"])
 def test_balancing_phase_is_balanced_softmax_plus_hkd_and_scope_decides_what_learns(scope):
-    m = boundary_ready(PMI, finetune_loss="balanced_softmax", finetune_scope=scope, finetune_ce_scale=1.0)
+    m = student_at_second_task(PMI, finetune_loss="balanced_softmax", finetune_scope=scope, finetune_ce_scale=1.0)
     assert (m.n_old, m.n_seen) == (4, 6)  # the prior tilts old logits by -log 4, new ones by -log 2
     x, y = torch.randn(6, 1, 8, 8), torch.tensor([4, 5] * 3)
     replay_x, replay_y = torch.randn(6, 1, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1])
