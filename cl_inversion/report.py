@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from cl_inversion.plots import accuracy_curves, accuracy_heatmap
+from cl_inversion.results import RunResults
 
 PROG = "cl_inversion.report"
 METRICS = {"final_accuracy": "Final acc. (%)", "average_incremental_accuracy": "Avg. inc. acc. (%)",
@@ -63,15 +64,15 @@ def _last_row_mean(matrix: Any) -> float | None:
     return _mean(matrix[-1]) if isinstance(matrix, list) and matrix and matrix[-1] else None
 
 
-def _class_group_accuracy(data: dict[str, Any], key: str) -> float | None:
+def _class_group_accuracy(results: RunResults, key: str) -> float | None:
     """Old-/new-class accuracy after the last task: as recorded (top level, else the last per_task entry),
     else from the last matrix row — new = the last task, old = the earlier tasks weighted by their classes."""
-    if key in data:
-        return data[key]
-    per_task = data.get("per_task") or []
-    if per_task and key in per_task[-1]:
-        return per_task[-1][key]
-    matrix = data.get("accuracy_matrix") or []
+    if key in results.summary:
+        return results.summary[key]
+    per_task = results.per_task
+    if per_task and getattr(per_task[-1], key) is not None:
+        return getattr(per_task[-1], key)
+    matrix = results.accuracy_matrix
     if not matrix:
         return None
     last = matrix[-1]
@@ -79,54 +80,60 @@ def _class_group_accuracy(data: dict[str, Any], key: str) -> float | None:
         return last[-1]
     if len(last) < 2:
         return None
-    sizes = [len(p.get("classes") or []) for p in per_task[: len(last) - 1]]
+    sizes = [len(p.classes or []) for p in per_task[: len(last) - 1]]
     if len(sizes) != len(last) - 1 or not all(sizes):
         sizes = [1] * (len(last) - 1)  # task sizes unknown: equal weights
     return sum(n * a for n, a in zip(sizes, last)) / sum(sizes)
 
 
-def run_metric(data: dict[str, Any], key: str) -> float | None:
+def run_metric(results: RunResults, key: str) -> float | None:
     """One table number of one run (None: not defined for it, e.g. BWT of a single task)."""
-    matrix = data.get("accuracy_matrix") or []
+    matrix = results.accuracy_matrix
     if key == "backward_transfer":
         last = len(matrix) - 1
         if last < 1:
             return None
         return sum(matrix[last][j] - matrix[j][j] for j in range(last)) / last
     if key in ("old_class_accuracy", "new_class_accuracy"):
-        return _class_group_accuracy(data, key)
+        return _class_group_accuracy(results, key)
     if key == "task_aware_accuracy":
-        value = _last_row_mean(data.get("task_aware_matrix"))
-        return value if value is not None else data.get(key)
+        value = _last_row_mean(results.task_aware_matrix)
+        return value if value is not None else results.summary.get(key)
     if key in SYNTHESIS:
-        records = [r for r in data.get("inversion") or [] if isinstance(r, dict)]
+        records = [r for r in results.extra.get("inversion") or [] if isinstance(r, dict)]
         return _mean(r.get("wall_s" if key == "synthesis_s" else "full_model_passes") for r in records)
-    return data.get(key)
+    return results.summary.get(key)
 
 
 @dataclass
 class Run:
     path: Path
-    data: dict[str, Any]
+    results: RunResults
 
     @property
     def status(self) -> str:
-        return str(self.data.get("status", "unknown"))
+        return str(self.results.status or "unknown")
 
     def setting(self) -> dict[str, Any]:
-        scenario = (self.data.get("config") or {}).get("scenario") or {}
-        return {"dataset": self.data.get("dataset"), "n_tasks": self.data.get("n_tasks"),
-                "first_task_classes": scenario.get("first_task_classes"), "backbone": self.data.get("backbone")}
+        r = self.results
+        scenario = (r.config or {}).get("scenario") or {}
+        return {"dataset": r.dataset, "n_tasks": r.n_tasks, "first_task_classes": scenario.get("first_task_classes"),
+                "backbone": r.backbone}
 
     def seed_key(self) -> str:
         """What makes two runs of one row different samples: the seed (and the class order it drew)."""
-        return json.dumps([self.data.get("seed"), self.data.get("class_order")])
+        return json.dumps([self.results.seed, self.results.class_order])
+
+    def progress(self) -> str:
+        """Tasks completed out of the run's tasks ("2/5")."""
+        n_tasks = self.results.n_tasks if self.results.n_tasks is not None else "?"
+        return f"{self.results.tasks_completed}/{n_tasks}"
 
     def written_at(self) -> float:
         """When the run finished: its recorded end time if any, else results.json's modification time."""
         for key in ("end_time", "finished_at"):
-            if isinstance(self.data.get(key), (int, float)):
-                return float(self.data[key])
+            if isinstance(self.results.extra.get(key), (int, float)):
+                return float(self.results.extra[key])
         try:
             return (self.path / "results.json").stat().st_mtime
         except OSError:
@@ -145,7 +152,7 @@ class Row:
         return self.method + (f" ({self.variant})" if self.variant else "")
 
     def values(self, key: str) -> list[float]:
-        return [v for v in (run_metric(r.data, key) for r in self.runs) if v is not None]
+        return [v for v in (run_metric(r.results, key) for r in self.runs) if v is not None]
 
     def mean_std(self, key: str) -> tuple[float, float]:
         values = self.values(key)
@@ -155,7 +162,7 @@ class Row:
 
     def published(self) -> dict[str, Any] | None:
         """The preset's published figure (config `published`, shared by the row's runs), if it states one."""
-        block = (self.runs[0].data.get("config") or {}).get("published") if self.runs else None
+        block = (self.runs[0].results.config or {}).get("published") if self.runs else None
         return block if isinstance(block, dict) and block.get("final_accuracy") is not None else None
 
 
@@ -173,15 +180,16 @@ def find_runs(roots: Iterable[str | Path]) -> tuple[list[Run], list[Run]]:
                 data = json.loads(path.read_text())
             except (OSError, ValueError) as err:
                 data = {"status": "unreadable", "error": f"{type(err).__name__}: {err}"}
-            runs.append(Run(path.parent, data))
+            runs.append(Run(path.parent, RunResults.from_dict(data)))
         for hydra_dir in sorted(root.rglob(".hydra")):
             job = hydra_dir.parent
             if ".submitit" not in job.parts and not (job / "results.json").exists():
                 overrides = hydra_dir / "overrides.yaml"
                 text = overrides.read_text() if overrides.exists() else ""
                 method = re.search(r"method=([\w.-]+)", text)
-                missing.append(Run(job, {"status": "no results.json", "method": method[1] if method else None,
-                                         "error": "job started but wrote no results.json (killed before run()?)"}))
+                missing.append(Run(job, RunResults(
+                    status="no results.json", method=method[1] if method else None,
+                    error="job started but wrote no results.json (killed before run()?)")))
     return runs, missing
 
 
@@ -202,11 +210,11 @@ def group_runs(runs: Sequence[Run]) -> list[Row]:
     """Completed runs → table rows (method × setting × variant), in a stable order."""
     by_base: dict[tuple, list[Run]] = defaultdict(list)
     for run in runs:
-        by_base[(str(run.data.get("method")), json.dumps(run.setting(), sort_keys=True))].append(run)
+        by_base[(str(run.results.method), json.dumps(run.setting(), sort_keys=True))].append(run)
     rows = []
     for (method, _), members in by_base.items():
         setting = members[0].setting()
-        flat = [{k: v for k, v in _flatten(r.data.get("config") or {}).items() if not _ignored(k)} for r in members]
+        flat = [{k: v for k, v in _flatten(r.results.config or {}).items() if not _ignored(k)} for r in members]
         keys = sorted(set().union(*flat))
         varying = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
         by_variant: dict[str, Row] = {}
@@ -234,7 +242,7 @@ def resolve_duplicates(rows: Sequence[Row], keep_newest: bool = False) -> list[t
                 same = sorted(same, key=lambda r: (r.written_at(), str(r.path)))
                 found.append((row, same[-1], same[:-1]))
     if found and not keep_newest:
-        groups = "; ".join(f"{_row_name(row)} seed {kept.data.get('seed')}: "
+        groups = "; ".join(f"{_row_name(row)} seed {kept.results.seed}: "
                            + ", ".join(str(r.path) for r in [*dropped, kept]) for row, kept, dropped in found)
         raise SystemExit(f"{PROG}: error: the same config and seed was run more than once (a seed counted twice "
                          f"makes a false mean ± std); remove all but one of each, or pass --keep-newest: {groups}")
@@ -305,7 +313,7 @@ def _sources(rows: Sequence[Row]) -> list[str]:
 
 
 def _dropped_lines(dropped: Sequence[tuple[Row, Run, list[Run]]]) -> list[str]:
-    return [f"{_row_name(row)} seed {kept.data.get('seed')}: kept {kept.path}, dropped "
+    return [f"{_row_name(row)} seed {kept.results.seed}: kept {kept.path}, dropped "
             + ", ".join(str(r.path) for r in runs) for row, kept, runs in dropped]
 
 
@@ -325,9 +333,9 @@ def markdown_table(rows: Sequence[Row], failed: Sequence[Run],
         text += f"\n**Failed or incomplete runs ({len(failed)})** — not in the table above:\n\n"
         text += "| Run | Method | Status | Tasks done | Error |\n|---|---|---|---:|---|\n"
         for run in failed:
-            done = f"{run.data.get('tasks_completed', 0)}/{run.data.get('n_tasks', '?')}"
-            error = str(run.data.get("error", "")).replace("|", "\\|").replace("\n", " ")[:200]
-            text += f"| {run.path} | {run.data.get('method') or '–'} | {run.status} | {done} | {error} |\n"
+            done = run.progress()
+            error = str(run.results.error or "").replace("|", "\\|").replace("\n", " ")[:200]
+            text += f"| {run.path} | {run.results.method or '–'} | {run.status} | {done} | {error} |\n"
     return text
 
 
@@ -361,9 +369,9 @@ def latex_table(rows: Sequence[Row], failed: Sequence[Run] = (),
     if failed:
         lines.append(f"% Failed or incomplete runs ({len(failed)}) — not in the table above:")
         for run in failed:
-            done = f"{run.data.get('tasks_completed', 0)}/{run.data.get('n_tasks', '?')}"
-            error = str(run.data.get("error", "")).replace("\n", " ")[:200]
-            lines.append(f"% {run.path} | {run.data.get('method') or '–'} | {run.status} | {done} | {error}")
+            done = run.progress()
+            error = str(run.results.error or "").replace("\n", " ")[:200]
+            lines.append(f"% {run.path} | {run.results.method or '–'} | {run.status} | {done} | {error}")
     return "\n".join(lines) + "\n"
 
 
@@ -399,7 +407,7 @@ def write_plots(rows: Sequence[Row], out: Path) -> list[Path]:
     for name, members in by_setting.items():
         curves = {}
         for row in members:
-            per_run = [[sum(r) / len(r) for r in run.data["accuracy_matrix"]] for run in row.runs]
+            per_run = [[sum(r) / len(r) for r in run.results.accuracy_matrix] for run in row.runs]
             n = min(len(c) for c in per_run)
             mean = [statistics.fmean(c[i] for c in per_run) for i in range(n)]
             std = [statistics.stdev([c[i] for c in per_run]) if len(per_run) > 1 else 0.0 for i in range(n)]
@@ -408,7 +416,7 @@ def write_plots(rows: Sequence[Row], out: Path) -> list[Path]:
         title = _setting_title(members[0].setting)
         written.append(accuracy_curves(curves, out / f"accuracy_curves{suffix}.png", title=title))
         for row in members:
-            mean, std = _mean_matrix([run.data["accuracy_matrix"] for run in row.runs])
+            mean, std = _mean_matrix([run.results.accuracy_matrix for run in row.runs])
             title = f"{row.label} — {_setting_title(row.setting)}\nmean over {len(row.runs)} seed(s)"
             path = out / f"heatmap_{_slug(row.label)}_{_slug(name)}.png"
             written.append(accuracy_heatmap(mean, path, title=title, std=std if len(row.runs) > 1 else None))
@@ -424,15 +432,15 @@ def write_csvs(rows: Sequence[Row], runs: Sequence[Run], out: Path) -> None:
         for row in rows:
             stats = [v for key in METRICS for v in row.mean_std(key)]
             writer.writerow([row.method, row.variant, *[row.setting.get(k) for k in setting_keys], *stats,
-                             len(row.runs), " ".join(str(r.data.get("seed")) for r in row.runs)])
+                             len(row.runs), " ".join(str(r.results.seed) for r in row.runs)])
     with open(out / "runs.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "status", "method", *setting_keys, "seed", "tasks_completed", *METRICS, "error"])
         for run in runs:
             setting = run.setting()
-            writer.writerow([run.path, run.status, run.data.get("method"), *[setting.get(k) for k in setting_keys],
-                             run.data.get("seed"), run.data.get("tasks_completed"),
-                             *[run_metric(run.data, k) for k in METRICS], run.data.get("error", "")])
+            r = run.results
+            writer.writerow([run.path, run.status, r.method, *[setting.get(k) for k in setting_keys], r.seed,
+                             r.tasks_completed, *[run_metric(r, k) for k in METRICS], r.error or ""])
 
 
 def report(roots: Sequence[str | Path], out: str | Path | None = None, keep_newest: bool = False) -> dict[str, Any]:
@@ -440,7 +448,7 @@ def report(roots: Sequence[str | Path], out: str | Path | None = None, keep_newe
     markdown and LaTeX tables and the written paths. Duplicate (config, seed) runs raise SystemExit unless
     `keep_newest`."""
     runs, missing = find_runs(roots)
-    completed = [r for r in runs if r.status == "completed" and r.data.get("accuracy_matrix")]
+    completed = [r for r in runs if r.status == "completed" and r.results.accuracy_matrix]
     failed = [r for r in runs if r not in completed] + missing
     rows = group_runs(completed)
     dropped = resolve_duplicates(rows, keep_newest)

@@ -29,6 +29,11 @@ class TaskRecord:
     train_time_s: float
     wall_s: float  # training, synthesis and evaluation
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TaskRecord:
+        """A `per_task` entry of results.json (missing fields of older or hand-made files read as None)."""
+        return cls(**{f.name: data.get(f.name) for f in fields(cls)})
+
 
 @dataclass
 class RunResults:
@@ -79,10 +84,12 @@ class RunResults:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunResults:
-        """Inverse of `to_dict` (a checkpoint's results; unknown keys go to `extra`)."""
+        """Inverse of `to_dict` (a checkpoint's results, a results.json; unknown keys go to `extra`; a file
+        without a status reads as "unknown")."""
         names = {f.name for f in fields(cls)} - {"summary", "extra", "per_task"}
         results = cls(**{k: v for k, v in data.items() if k in names})
-        results.per_task = [TaskRecord(**r) for r in data.get("per_task", [])]
+        results.status = data.get("status", "unknown")
+        results.per_task = [TaskRecord.from_dict(r) for r in data.get("per_task") or [] if isinstance(r, dict)]
         results.summary = {k: data[k] for k in SUMMARY_KEYS if k in data}
         results.extra = {k: v for k, v in data.items() if k not in names | {"per_task"} | set(SUMMARY_KEYS)}
         return results
