@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -50,16 +51,24 @@ SETTINGS: dict[tuple[str, str], dict[str, Any]] = {
                         "distill": (300, 600)},
     ("cifar10", "cnn"): {"overrides": ["dataset=imagefolder", "backbone=resnet32"], "epochs": 15,
                          "quick_epochs": 7, "subset": 10000, "optimizer": "sgd", "di_steps": (400, 2000),
-                         "images": (128, 256), "distill": (200, 500)},
+                         "images": (128, 256), "distill": (100, 500)},
     ("cifar10", "vit"): {"overrides": ["dataset=imagefolder", "backbone=clip_small"], "epochs": 8,
                          "quick_epochs": 2, "subset": None, "optimizer": "adamw", "di_steps": (300, 2000),
-                         "images": (128, 256), "distill": (150, 500)},
+                         "images": (128, 256), "distill": (100, 500)},
     ("digits", "vit"): {"overrides": ["dataset=digits", "backbone=clip_small"], "epochs": 30, "quick_epochs": 15,
                         "subset": None, "optimizer": "adamw", "di_steps": (400, 2000), "images": (256, 512),
                         "distill": (300, 600)},
 }
 REFERENCE = 7000  # real training images the Fréchet distance compares with (digits: all 1154 not fitted on)
 TEST_IMAGES = (2000, 10000)  # real test images the students are evaluated on (quick, full); digits has 450
+
+
+STARTED = time.perf_counter()
+
+
+def say(message: str) -> None:
+    """A progress line on stderr (stdout's last line is the JSON)."""
+    print(f"[inversion_speed {time.perf_counter() - STARTED:7.1f} s] {message}", file=sys.stderr, flush=True)
 
 
 def build_net(cfg, bundle) -> IncrementalClassifier:
@@ -185,8 +194,10 @@ def summary(point: dict | None) -> dict | None:
 
 
 def speedup(reference: dict | None, point: dict | None, key: str) -> float | None:
-    """reference / point; None when either never met the criterion, or met it at the start (zero cost)."""
-    return None if reference is None or point is None or not point[key] else reference[key] / point[key]
+    """reference / point; None when either never met the criterion, or met it at the start (zero passes)."""
+    if reference is None or point is None or not point["passes"] or not point[key]:
+        return None
+    return reference[key] / point[key]
 
 
 @torch.no_grad()
@@ -263,6 +274,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     bundle = build_dataset(cfg)
     quick = 0 if args.quick else 1
     teacher, teacher_info = train_teacher(cfg, bundle, setting, args.quick)
+    say(f"teacher trained: {teacher_info['test_accuracy']:.1f} % on real test images")
     n = args.images or setting["images"][quick]
     classes = list(range(bundle.num_classes))
     labels = balanced_labels(classes, n)
@@ -294,6 +306,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     end = watch_di.curve[-1]
     criterion.thresholds = {"teacher_accuracy": end["teacher_accuracy"], "feature_distance": end["feature_distance"]}
     watch_di.settle()
+    say(f"deepinversion done: thresholds {criterion.thresholds}")
 
     pmi_args = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in args.pmi_set)}
 
@@ -314,6 +327,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     watch_pmi = Watch(criterion, pmi, every)
     pmi.step_hook = watch_pmi
     pmi_images, _ = pmi.synthesize(teacher, classes, n)
+    say("pmi done")
 
     # Ablations, same targets and budget: what the per-layer phase itself buys.
     # (1) PMI's full-model inversion from noise (layer_steps=0);
@@ -333,6 +347,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from_real.step_hook = watch_real
     with frozen_eval(teacher):
         from_real_images = from_real.invert_full(teacher, real_init, pmi.last_targets, labels)
+    say("ablations done")
 
     # Data-free distillation: the same fresh student (seed), budget and augmentation for every image set.
     distill_steps = args.distill_steps or setting["distill"][quick]
@@ -358,6 +373,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if watch.reached is not None:  # the same images as the end when the criterion is first met there
             same = watch.reached["step"] == watch.curve[-1]["step"]
             at = end_accuracy if same else student_accuracy(watch.reached_images)
+        say(f"{name}: distillation accuracy {end_accuracy:.1f} (end), {at} (at criterion)")
         report[name] = {"start": summary(watch.curve[0]), "reached": summary(watch.reached),
                         "end": summary(watch.curve[-1]),
                         "distillation_accuracy": {"end": end_accuracy, "at_criterion": at}}

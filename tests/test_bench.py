@@ -26,7 +26,7 @@ def _inversion_speed(*flags: str) -> dict:
     import subprocess
     import sys
 
-    from conftest import REPO
+    from helpers import REPO
 
     proc = subprocess.run([sys.executable, "-m", "benchmarks.inversion_speed", "--threads", "1", *flags],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
