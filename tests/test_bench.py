@@ -116,7 +116,7 @@ def test_synthesis_speed_reports_every_engine_and_option_ratio():
     import subprocess
     import sys
 
-    from conftest import REPO
+    from helpers import REPO
 
     proc = subprocess.run([sys.executable, "-m", "benchmarks.synthesis_speed", "--steps", "1", "--rounds", "1",
                            "--batch", "10"], cwd=REPO, capture_output=True, text=True, timeout=600)
