@@ -69,10 +69,6 @@ class RunResults:
         self.tasks_completed = record.task + 1
         self.status = "completed" if last else "running"
 
-    @property
-    def final_accuracy(self) -> float | None:
-        return self.summary.get("final_accuracy")
-
     def to_dict(self) -> dict[str, Any]:
         """The results.json object."""
         data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("summary", "extra")}

@@ -277,7 +277,8 @@ class TaskLoop:
                 self.task(t, first=t == start, resumed=bool(start))
         except BaseException as err:
             if self.results.tasks_completed > 0 or not self.results_path.exists():  # never overwrite another run's
-                self.results.status, self.results.error = failure_fields(err).values()
+                failure = failure_fields(err)
+                self.results.status, self.results.error = failure["status"], failure["error"]
                 write_json(self.results_path, self.results.to_dict())
             logging_utils.finish(self.logger, "failed")
             raise
