@@ -22,7 +22,7 @@ class ABD(InversionStudent):
         self.kd_weight = kd_weight
 
     def replay_loss(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
-        replay_x, replay_y = self.replay.sample(len(x))
+        replay_x, replay_y = self.sample_replay(len(x))
         inputs, targets = torch.cat([x, replay_x]), torch.cat([y, replay_y])
         weights = self.class_balance(targets)
         logits, features = self.net.forward_with_features(inputs)

@@ -29,7 +29,7 @@ class DeepInversion(InversionStudent):
         self.t_squared = t_squared
 
     def replay_loss(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
-        replay_x, _ = self.replay.sample(len(x))
+        replay_x, _ = self.sample_replay(len(x))
         logits = self(torch.cat([x, replay_x]))
         real, synthetic = logits[: len(x)], logits[len(x) :]
         with torch.no_grad():

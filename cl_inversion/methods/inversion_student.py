@@ -4,16 +4,38 @@ model (DeepInversion, ABD, R-DFCIL, PMI).
 It owns the engine choice (`method.inversion`: a key of the `inversion` config — `pixel`, `generator`,
 `rdfcil_generator`, `per_layer`; any engine pairs with any student), the replay the inversion callback hands
 over at each task boundary (`receive_replay`), and the opening every such student shares: until there is a
-replay (the first task), cross-entropy over the classes seen so far. A subclass states `replay_loss` only.
+replay (the first task), cross-entropy over the classes seen so far. A subclass states `replay_loss` only,
+drawing old-class images with `sample_replay`.
+
+`replay_augment` (off in every reference, hence off by default): a random crop (zero padding of 1/8 of the
+image side) and a horizontal flip of each replayed synthetic image, as real CIFAR images get — a fixed buffer
+of a few hundred images (DeepInversion, PMI) is otherwise seen unchanged dozens of times per task.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from cl_inversion.methods.base import ContinualModule
+
+
+def crop_flip_batch(x: Tensor, padding: int) -> Tensor:
+    """Per image: a random crop of the zero-padded image back to its size, then a flip with probability 1/2."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (padding,) * 4)
+    top = torch.randint(0, 2 * padding + 1, (n, 1), device=x.device)
+    left = torch.randint(0, 2 * padding + 1, (n, 1), device=x.device)
+    rows = top + torch.arange(h, device=x.device)
+    cols = left + torch.arange(w, device=x.device)
+    flip = torch.rand(n, 1, device=x.device) < 0.5
+    cols = torch.where(flip, cols.flip(1), cols)
+    batch = torch.arange(n, device=x.device).view(n, 1, 1, 1)
+    channel = torch.arange(c, device=x.device).view(1, c, 1, 1)
+    return padded[batch, channel, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
 
 
 class InversionStudent(ContinualModule):
@@ -21,14 +43,22 @@ class InversionStudent(ContinualModule):
     #: the engine a method uses unless `method.inversion` says otherwise
     default_inversion: str = "pixel"
 
-    def __init__(self, *args: Any, inversion: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, inversion: str | None = None, replay_augment: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.inversion = inversion or self.default_inversion
+        self.replay_augment = replay_augment
         self.replay: Any = None  # `.sample(n) -> (images, labels)`, from the inversion callback
 
     def receive_replay(self, replay: Any) -> None:
         """The inversion callback's hand-over: what `replay_loss` samples from during the next task."""
         self.replay = replay
+
+    def sample_replay(self, n: int) -> tuple[Tensor, Tensor]:
+        """n replayed old-class images and their labels (crop-and-flipped with `replay_augment`)."""
+        images, labels = self.replay.sample(n)
+        if self.replay_augment:
+            images = crop_flip_batch(images, max(1, images.shape[-1] // 8))
+        return images, labels
 
     @property
     def has_replay(self) -> bool:

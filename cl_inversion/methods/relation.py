@@ -131,7 +131,7 @@ class RelationGuided(InversionStudent):
         return super().first_task_loss(x, y)
 
     def replay_loss(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
-        replay_x, replay_y = self.replay.sample(len(x))
+        replay_x, replay_y = self.sample_replay(len(x))
         self.count_labels(y, replay_y)
         if self.in_balancing_phase():
             return self.balancing_loss(x, y, replay_x, replay_y)
