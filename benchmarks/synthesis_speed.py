@@ -114,17 +114,19 @@ def compiled_pixel_runner(teacher: nn.Module, steps: int, batch: int) -> Callabl
 
 
 def compiled_generator_runner(teacher: nn.Module, steps: int, batch: int) -> Callable[[], None]:
-    """The generator step with `compile: true` (`GeneratorInversion._train`'s loop, hooks kept across rounds)."""
+    """The generator step with `compile: true` (`GeneratorInversion._train`'s loop: teacher and generator
+    compiled, hooks kept across rounds)."""
     teacher = copy.deepcopy(teacher).requires_grad_(False)
     engine = GeneratorInversion(steps=steps, batch_size=batch, progress=False, compile=True)
     engine.setup(SHAPE, PIXEL_RANGE)
     engine._fresh_generator(torch.device("cpu"), engine.lr)
     bn = BNStatistics(teacher)
-    model = common.compiled(teacher, True)
+    model, sampler = common.compiled(teacher, True), common.compiled(engine.generator, True)
 
     def run() -> None:
         for _ in range(steps):
-            loss = engine.loss_terms(model, bn, engine.generator.sample(batch), N_CLASSES)["loss"]
+            images = sampler(torch.randn(batch, engine.generator.z_dim))
+            loss = engine.loss_terms(model, bn, images, N_CLASSES)["loss"]
             engine.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             engine.optimizer.step()

@@ -122,11 +122,11 @@ class GeneratorInversion(EngineBase):
         with frozen_eval(teacher), BNStatistics(teacher) as bn, memory_format(teacher, self.channels_last):
             if not len(bn):
                 self.stats.notes.append("teacher has no BatchNorm layer: BN-statistics term disabled")
-            model = compiled(teacher, self.compile)
+            model, sampler = compiled(teacher, self.compile), compiled(generator, self.compile)
             try:
                 for _ in range(self.steps):
                     with autocast(self.precision, device):
-                        images = generator.sample(self.batch_size)
+                        images = sampler(torch.randn(self.batch_size, generator.z_dim, device=device))
                         if self.channels_last:
                             images = images.contiguous(memory_format=torch.channels_last)
                         terms = self.loss_terms(model, bn, images, n_classes)
