@@ -1,6 +1,7 @@
 """Synthesis step time per engine, its options toggled, and the step as it was before the fast path.
 
     python -m benchmarks.synthesis_speed [--quick] [--steps N] [--rounds R] [--batch B] [--threads T]
+                                         [--engines E ...] [--compile] [--only ARM ...]
 
 Teacher: ABD's CIFAR ResNet-32 (31 BN layers) at 32x32 with 10 classes, its BN running statistics set by
 a few training-mode passes over random images (no download, no trained weights: time per step does not
@@ -181,14 +182,18 @@ def option_kwargs(option: str) -> dict[str, Any]:
 COMPILED = {"pixel": compiled_pixel_runner, "generator": compiled_generator_runner}
 
 
-def measure(engines: list[str], steps: int, batch: int, rounds: int, compile_arms: bool = False) -> dict[str, Any]:
+def measure(engines: list[str], steps: int, batch: int, rounds: int, compile_arms: bool = False,
+            only: list[str] | None = None) -> dict[str, Any]:
+    """Time every arm (`only`: just these besides `default`) of every engine, interleaved round by round."""
     teacher = make_teacher()
+    wanted = (lambda arm: True) if only is None else (lambda arm: arm in only)
     arms: list[tuple[str, str, Callable[[], None], bool]] = []
     for name in engines:
         make, options = ENGINES[name]
         arms.append((name, "default", make(teacher, steps, batch), False))
-        arms.append((name, "before", make(teacher, steps, batch), True))
-        for option in options:
+        if wanted("before"):
+            arms.append((name, "before", make(teacher, steps, batch), True))
+        for option in filter(wanted, options):
             arms.append((name, option, make(teacher, steps, batch, **option_kwargs(option)), False))
         if compile_arms and name in COMPILED:
             arms.append((name, "compile", COMPILED[name](teacher, steps, batch), False))
@@ -229,12 +234,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--engines", nargs="*", default=list(ENGINES), choices=list(ENGINES))
     parser.add_argument("--compile", action="store_true",
                         help="add the compile option's arm (pixel, generator): minutes of compiling on a CPU")
+    parser.add_argument("--only", nargs="*", default=None, metavar="ARM",
+                        help="time only these arms besides default (before, channels_last, bf16-mixed)")
     args = parser.parse_args(argv)
     steps = args.steps or (5 if args.quick else 20)
     rounds = args.rounds or (3 if args.quick else 7)
     batch = args.batch or (64 if args.quick else 256)
     torch.set_num_threads(args.threads)
-    engines = measure(args.engines, steps, batch, rounds, args.compile)
+    engines = measure(args.engines, steps, batch, rounds, args.compile, args.only)
     out = {"engines": engines, "threads": args.threads, "steps": steps, "batch": batch, "rounds": rounds,
            "device": "cpu"}
     print(json.dumps(out), flush=True)
