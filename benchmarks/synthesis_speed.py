@@ -20,8 +20,9 @@ median of R rounds kept:
                  patched into the same engine code; its ratio is before / default;
 * `channels_last`, `bf16-mixed` — the option switched on (pixel and generator; bf16 for per_layer), the
                  ratio option / default (below 1: faster);
-* `compile` (with `--compile`) — `compile: true` (pixel, generator); its first round, which compiles, is
-                 reported apart as `compile_warmup_s`.
+* `compile` (with `--compile`) — `compile: true` (pixel, generator), and for the generator also
+                 `compile+channels_last`; each one's first round, which compiles, is reported apart as
+                 `<arm>_warmup_s`.
 
 The last line printed is one JSON object:
 `{"engines": {"pixel": {"ms_per_step": ..., "images_per_s": ..., "options": {"before": r, ...}}, ...},
@@ -114,13 +115,17 @@ def compiled_pixel_runner(teacher: nn.Module, steps: int, batch: int) -> Callabl
     return run
 
 
-def compiled_generator_runner(teacher: nn.Module, steps: int, batch: int) -> Callable[[], None]:
+def compiled_generator_runner(teacher: nn.Module, steps: int, batch: int,
+                              channels_last: bool = False) -> Callable[[], None]:
     """The generator step with `compile: true` (`GeneratorInversion._train`'s loop: teacher and generator
-    compiled, hooks kept across rounds)."""
+    compiled, hooks kept across rounds), optionally both in channels-last layout."""
     teacher = copy.deepcopy(teacher).requires_grad_(False)
     engine = GeneratorInversion(steps=steps, batch_size=batch, progress=False, compile=True)
     engine.setup(SHAPE, PIXEL_RANGE)
     engine._fresh_generator(torch.device("cpu"), engine.lr)
+    if channels_last:
+        teacher.to(memory_format=torch.channels_last)
+        engine.generator.to(memory_format=torch.channels_last)
     bn = BNStatistics(teacher)
     model, sampler = common.compiled(teacher, True), common.compiled(engine.generator, True)
 
@@ -179,7 +184,9 @@ def option_kwargs(option: str) -> dict[str, Any]:
     return {}
 
 
-COMPILED = {"pixel": compiled_pixel_runner, "generator": compiled_generator_runner}
+COMPILED = {"pixel": {"compile": compiled_pixel_runner},
+            "generator": {"compile": compiled_generator_runner,
+                          "compile+channels_last": lambda t, s, b: compiled_generator_runner(t, s, b, True)}}
 
 
 def measure(engines: list[str], steps: int, batch: int, rounds: int, compile_arms: bool = False,
@@ -195,8 +202,9 @@ def measure(engines: list[str], steps: int, batch: int, rounds: int, compile_arm
             arms.append((name, "before", make(teacher, steps, batch), True))
         for option in filter(wanted, options):
             arms.append((name, option, make(teacher, steps, batch, **option_kwargs(option)), False))
-        if compile_arms and name in COMPILED:
-            arms.append((name, "compile", COMPILED[name](teacher, steps, batch), False))
+        if compile_arms:
+            for arm, make_compiled in COMPILED.get(name, {}).items():
+                arms.append((name, arm, make_compiled(teacher, steps, batch), False))
     warmup: dict[tuple[str, str], float] = {}
     times: dict[tuple[str, str], list[float]] = {(e, a): [] for e, a, _, _ in arms}
     for r in range(rounds + 1):  # round 0 warms up every arm (allocator, oneDNN kernels)
@@ -219,8 +227,9 @@ def measure(engines: list[str], steps: int, batch: int, rounds: int, compile_arm
                           "options": options,
                           "ms_per_step_by_arm": {arm: round(1000 * statistics.median(t), 2)
                                                  for (e, arm), t in times.items() if e == engine}}
-        if (engine, "compile") in warmup:  # the first round of the compiled arm includes compiling
-            result[engine]["compile_warmup_s"] = round(warmup[engine, "compile"], 1)
+        for arm in COMPILED.get(engine, {}):  # the first round of a compiled arm includes compiling
+            if (engine, arm) in warmup:
+                result[engine][f"{arm}_warmup_s"] = round(warmup[engine, arm], 1)
     return result
 
 

@@ -119,7 +119,8 @@ class GeneratorInversion(EngineBase):
         generator.requires_grad_(True)  # the previous task's replay froze it while the student trained
         progress = SynthesisProgress(self.steps, "ABD generator", self.stats, self.log_every, self.progress,
                                      engine=self.name, hint=f"lower inversion.{self.name}.lr or set nan_retries")
-        with frozen_eval(teacher), BNStatistics(teacher) as bn, memory_format(teacher, self.channels_last):
+        with (frozen_eval(teacher), BNStatistics(teacher) as bn, memory_format(teacher, self.channels_last),
+              memory_format(generator, self.channels_last)):
             if not len(bn):
                 self.stats.notes.append("teacher has no BatchNorm layer: BN-statistics term disabled")
             model, sampler = compiled(teacher, self.compile), compiled(generator, self.compile)
