@@ -1,7 +1,7 @@
 """Synthesis step time per engine, its options toggled, and the step as it was before the fast path.
 
     python -m benchmarks.synthesis_speed [--quick] [--steps N] [--rounds R] [--batch B] [--threads T]
-                                         [--engines E ...] [--compile] [--only ARM ...]
+                                         [--engines E ...] [--compile] [--only ARM ...] [--device cuda]
 
 Teacher: ABD's CIFAR ResNet-32 (31 BN layers) at 32x32 with 10 classes, its BN running statistics set by
 a few training-mode passes over random images (no download, no trained weights: time per step does not
@@ -26,7 +26,7 @@ median of R rounds kept:
 
 The last line printed is one JSON object:
 `{"engines": {"pixel": {"ms_per_step": ..., "images_per_s": ..., "options": {"before": r, ...}}, ...},
-"threads": T, "steps": N, "batch": B, "rounds": R, "device": "cpu"}`.
+"threads": T, "steps": N, "batch": B, "rounds": R, "device": "cpu" or the GPU's name}`.
 """
 
 from __future__ import annotations
@@ -49,10 +49,21 @@ from cl_inversion.inversion.common import BNStatistics, SynthesisProgress, froze
 
 N_CLASSES = 10
 SHAPE = (3, 32, 32)
+CPU = torch.device("cpu")
 PIXEL_RANGE = (torch.full((3, 1, 1), -2.0), torch.full((3, 1, 1), 2.0))
 
 
-def make_teacher() -> nn.Module:
+def device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels: a GPU step's time is only known after them."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_teacher(device: torch.device = CPU) -> nn.Module:
     from cl_inversion.models import CifarResNet, IncrementalClassifier
 
     torch.manual_seed(0)
@@ -62,7 +73,7 @@ def make_teacher() -> nn.Module:
     with torch.no_grad():
         for _ in range(4):
             net(torch.randn(64, *SHAPE) * 0.8 + 0.1)
-    return net.eval()
+    return net.eval().to(device)
 
 
 def two_pass_moments(x: torch.Tensor, shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +101,7 @@ def before_fast_path() -> Iterator[None]:
 def pixel_runner(teacher: nn.Module, steps: int, batch: int, **options: Any) -> Callable[[], None]:
     engine = PixelInversion(steps=steps, batch_size=batch, progress=False, **options)
     engine.setup(SHAPE, PIXEL_RANGE)
-    targets = torch.arange(N_CLASSES).repeat(batch // N_CLASSES + 1)[:batch]
+    targets = torch.arange(N_CLASSES).repeat(batch // N_CLASSES + 1)[:batch].to(device_of(teacher))
 
     def run() -> None:
         with frozen_eval(teacher), BNStatistics(teacher) as bn, common.memory_format(teacher, engine.channels_last):
@@ -105,7 +116,7 @@ def compiled_pixel_runner(teacher: nn.Module, steps: int, batch: int) -> Callabl
     teacher = copy.deepcopy(teacher).requires_grad_(False)
     engine = PixelInversion(steps=steps, batch_size=batch, progress=False, compile=True)
     engine.setup(SHAPE, PIXEL_RANGE)
-    targets = torch.arange(N_CLASSES).repeat(batch // N_CLASSES + 1)[:batch]
+    targets = torch.arange(N_CLASSES).repeat(batch // N_CLASSES + 1)[:batch].to(device_of(teacher))
     bn = BNStatistics(teacher)
     model = common.compiled(teacher, True)
 
@@ -122,7 +133,8 @@ def compiled_generator_runner(teacher: nn.Module, steps: int, batch: int,
     teacher = copy.deepcopy(teacher).requires_grad_(False)
     engine = GeneratorInversion(steps=steps, batch_size=batch, progress=False, compile=True)
     engine.setup(SHAPE, PIXEL_RANGE)
-    engine._fresh_generator(torch.device("cpu"), engine.lr)
+    device = device_of(teacher)
+    engine._fresh_generator(device, engine.lr)
     if channels_last:
         teacher.to(memory_format=torch.channels_last)
         engine.generator.to(memory_format=torch.channels_last)
@@ -131,7 +143,7 @@ def compiled_generator_runner(teacher: nn.Module, steps: int, batch: int,
 
     def run() -> None:
         for _ in range(steps):
-            images = sampler(torch.randn(batch, engine.generator.z_dim))
+            images = sampler(torch.randn(batch, engine.generator.z_dim, device=device))
             loss = engine.loss_terms(model, bn, images, N_CLASSES)["loss"]
             engine.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -143,7 +155,7 @@ def compiled_generator_runner(teacher: nn.Module, steps: int, batch: int,
 def generator_runner(teacher: nn.Module, steps: int, batch: int, **options: Any) -> Callable[[], None]:
     engine = GeneratorInversion(steps=steps, batch_size=batch, progress=False, **options)
     engine.setup(SHAPE, PIXEL_RANGE)
-    engine._fresh_generator(torch.device("cpu"), engine.lr)
+    engine._fresh_generator(device_of(teacher), engine.lr)
 
     def run() -> None:
         engine._train(teacher, N_CLASSES)
@@ -159,8 +171,9 @@ def per_layer_runner(teacher: nn.Module, steps: int, batch: int, **options: Any)
     dim = teacher.backbone.feature_dim
     engine.gaussians = ClassGaussians()
     engine.gaussians.fit(torch.randn(20 * N_CLASSES, dim), torch.arange(N_CLASSES).repeat(20))
-    labels = torch.arange(N_CLASSES).repeat(batch // N_CLASSES + 1)[:batch]
-    start, features = torch.randn(batch, *SHAPE), torch.randn(batch, dim)
+    device = device_of(teacher)
+    labels = torch.arange(N_CLASSES, device=device).repeat(batch // N_CLASSES + 1)[:batch]
+    start, features = torch.randn(batch, *SHAPE, device=device), torch.randn(batch, dim, device=device)
 
     def run() -> None:
         with frozen_eval(teacher):
@@ -190,9 +203,9 @@ COMPILED = {"pixel": {"compile": compiled_pixel_runner},
 
 
 def measure(engines: list[str], steps: int, batch: int, rounds: int, compile_arms: bool = False,
-            only: list[str] | None = None) -> dict[str, Any]:
+            only: list[str] | None = None, device: torch.device = CPU) -> dict[str, Any]:
     """Time every arm (`only`: just these besides `default`) of every engine, interleaved round by round."""
-    teacher = make_teacher()
+    teacher = make_teacher(device)
     wanted = (lambda arm: True) if only is None else (lambda arm: arm in only)
     arms: list[tuple[str, str, Callable[[], None], bool]] = []
     for name in engines:
@@ -210,8 +223,10 @@ def measure(engines: list[str], steps: int, batch: int, rounds: int, compile_arm
     for r in range(rounds + 1):  # round 0 warms up every arm (allocator, oneDNN kernels)
         for engine, arm, run, before in arms:
             with before_fast_path() if before else contextlib.nullcontext():
+                synchronize(device)
                 began = time.perf_counter()
                 run()
+                synchronize(device)
                 elapsed = time.perf_counter() - began
             if r:
                 times[engine, arm].append(elapsed / steps)
@@ -245,14 +260,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="add the compile option's arm (pixel, generator): minutes of compiling on a CPU")
     parser.add_argument("--only", nargs="*", default=None, metavar="ARM",
                         help="time only these arms besides default (before, channels_last, bf16-mixed)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda (the teacher and every engine there)")
     args = parser.parse_args(argv)
     steps = args.steps or (5 if args.quick else 20)
     rounds = args.rounds or (3 if args.quick else 7)
     batch = args.batch or (64 if args.quick else 256)
     torch.set_num_threads(args.threads)
-    engines = measure(args.engines, steps, batch, rounds, args.compile, args.only)
+    device = torch.device(args.device)
+    engines = measure(args.engines, steps, batch, rounds, args.compile, args.only, device)
     out = {"engines": engines, "threads": args.threads, "steps": steps, "batch": batch, "rounds": rounds,
-           "device": "cpu"}
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     print(json.dumps(out), flush=True)
     return out
 

@@ -76,7 +76,8 @@ class InversionCallback(ContinualCallback):
     """Runs `engine` (a `SynthesisEngine`, see `engine.py`) at every task boundary except after the last task
 and hands its replay to the student (`method.receive_replay`) for the next task.
 
-    Per boundary it records (results.json `inversion`, loggers `inversion/*`): `wall_s`,
+    Per boundary it records (results.json `inversion`, loggers `inversion/*`): `device` (where the
+    engine ran: the trainer's), `wall_s`,
     `full_model_passes` (forward+backward passes of one batch through the whole teacher; per-layer
     engines count fractions), `teacher_accuracy` (teacher top-1 on the synthetic set vs intended
     labels), `bn_distance` (mean over BN layers of KL(running ‖ synthetic-batch statistics)) and
@@ -113,8 +114,10 @@ and hands its replay to the student (`method.receive_replay`) for the next task.
         classes = list(range(method.n_seen))
         images, labels = self.engine.synthesize(teacher, classes, self.n_images)
         wall_s = time.perf_counter() - began
+        device = str(images.device)  # where the engine ran (the trainer's device: issue 15, item 11)
         self.images, self.labels = images.detach().cpu(), labels.cpu()
-        record = {"task": context.task, "engine": self.engine.name, "n_images": len(labels), "wall_s": wall_s,
+        record = {"task": context.task, "engine": self.engine.name, "device": device, "n_images": len(labels),
+                  "wall_s": wall_s,
                   "full_model_passes": self.engine.stats.full_model_passes,
                   **self.measure(teacher, self.images, self.labels, context), "notes": self.engine.stats.notes}
         self.history.append(record)

@@ -37,9 +37,14 @@ def batch_moments(x: Tensor, shift: Tensor | None = None) -> tuple[Tensor, Tenso
 
     The variance is E[(x − k)²] − E[x − k]² with k a per-channel shift near the mean (the layer's running
     mean): without it E[x²] − E[x]² cancels catastrophically when |mean| ≫ std; with it the result equals
-    the two-pass `var` to ~1e-6 relative, at the cost of one pass instead of two."""
+    the two-pass `var` to ~1e-6 relative, at the cost of one pass instead of two. On a GPU one fused
+    `torch.var_mean` kernel instead: there these small layers are bound by kernel launches, not arithmetic
+    (measured on an H200: the shifted form made the pixel step 1.35x slower than two-pass `var`)."""
     x = x.float()
     dims = [0] + list(range(2, x.dim()))
+    if x.is_cuda:
+        var, mean = torch.var_mean(x, dims, unbiased=False)
+        return mean, var
     if shift is None:
         centred = x
     else:

@@ -239,7 +239,7 @@ def test_cli_inversion_methods_on_digits(cli, tmp_path, method):
     for record in inversion:
         for key in ("wall_s", "full_model_passes", "teacher_accuracy", "bn_distance", "feature_distance"):
             assert record[key] is not None and record[key] >= 0, key
-        assert record["n_images"] == 40
+        assert record["n_images"] == 40 and record["device"] == "cpu"  # the trainer's device
     assert res["carried_state_bytes"] > 0  # previous model + replay buffer or generator
     assert sorted(p.name for p in (tmp_path / "inversion").glob("*.png")) == ["task_0.png", "task_1.png"]
     metrics = (tmp_path / "logs" / "metrics.csv").read_text()
