@@ -1,6 +1,8 @@
 """PMI's per-layer model inversion (Tong et al., NeurIPS 2025).
 
-For a batch of target features (sampled from class Gaussians, see `features.py`):
+For a batch of target features (sampled from class Gaussians, see `features.py`; `feature_targets=observed`:
+drawn from the features the boundary observed instead — the new classes' real training features and the old
+classes' previous synthetic set, the very features the Gaussians summarise — an option of ours, not PMI's):
   1. invert the backbone block by block from the last to the first: each block's *input* is optimised
      so that the block reproduces its target output (relative MSE) with the block's BatchNorm statistics (KL)
      and a prior from the preceding BatchNorm (the input's channel statistics vs N(β, γ²)); the
@@ -83,6 +85,22 @@ def block_start(prior: nn.Module | None, is_image: bool, n: int, shape: torch.Si
 
 
 HINT = "lower inversion.per_layer.lr / layer_lr or set inversion.per_layer.nan_retries"
+FEATURE_TARGETS = ("gaussian", "observed")
+
+
+def observed_targets(features: Tensor, feature_labels: Tensor, labels: Tensor) -> Tensor:
+    """Target features for `labels` drawn from the boundary's observed features of each class (the new
+    classes' real training features, the old classes' previous synthetic set), without replacement while
+    they last."""
+    targets = torch.empty(len(labels), features.shape[1])
+    for c in labels.unique().tolist():
+        where = (labels == c).nonzero().flatten()
+        pool = features[feature_labels == c]
+        if not len(pool):
+            raise RuntimeError(f"per_layer synthesis: no observed feature of class {c} (call observe first)")
+        order = torch.cat([torch.randperm(len(pool)) for _ in range(-(-len(where) // len(pool)))])
+        targets[where] = pool[order[: len(where)]]
+    return targets
 
 
 class PerLayerInversion(EngineBase):
@@ -96,7 +114,7 @@ class PerLayerInversion(EngineBase):
                  flip: bool = True,
                  covariance: str = "diagonal", oversample: int = 2, bn_loss: str = "kl",
                  first_bn_multiplier: float = 10.0, precision: str = "32", nan_retries: int = 0,
-                 progress: bool = True, log_every: int = 10) -> None:
+                 feature_targets: str = "gaussian", progress: bool = True, log_every: int = 10) -> None:
         super().__init__()
         if str(precision) not in PRECISIONS:
             raise ConfigError(f"inversion.per_layer.precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
@@ -112,6 +130,11 @@ class PerLayerInversion(EngineBase):
         if bn_loss not in ("kl", "norm"):
             raise ConfigError(f"inversion.per_layer.bn_loss={bn_loss!r}: choose one of kl, norm")
         self.bn_loss, self.first_bn_multiplier = bn_loss, first_bn_multiplier
+        if feature_targets not in FEATURE_TARGETS:
+            raise ConfigError(f"inversion.per_layer.feature_targets={feature_targets!r}: choose one of "
+                              f"{', '.join(FEATURE_TARGETS)}")
+        self.feature_targets = feature_targets
+        self.observed: tuple[Tensor, Tensor] | None = None  # this boundary's features (feature_targets=observed)
         self.oversample, self.progress, self.log_every = oversample, progress, log_every
         self.nan_retries = nan_retries
         self.gaussians = ClassGaussians(covariance)
@@ -130,6 +153,8 @@ class PerLayerInversion(EngineBase):
             old_features, old_labels = extract_features(teacher, old)
             keep = ~torch.isin(old_labels, labels.unique())
             self.gaussians.fit(old_features[keep], old_labels[keep])
+            features, labels = torch.cat([features, old_features[keep]]), torch.cat([labels, old_labels[keep]])
+        self.observed = (features, labels) if self.feature_targets == "observed" else None
         self.selector = fit_selector(self.gaussians)
 
     def synthesize(self, teacher: nn.Module, classes: Sequence[int], n: int) -> tuple[Tensor, Tensor]:
@@ -139,7 +164,10 @@ class PerLayerInversion(EngineBase):
         self.stats = SynthesisStats()
         self.block_losses = []
         labels = balanced_labels(classes, n)
-        targets = sample_aligned_features(self.gaussians, labels, self.oversample, self.selector)
+        if self.observed is not None:
+            targets = observed_targets(*self.observed, labels)
+        else:
+            targets = sample_aligned_features(self.gaussians, labels, self.oversample, self.selector)
         self.last_targets = targets
         device = next(teacher.parameters()).device
         chunks = []

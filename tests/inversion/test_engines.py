@@ -176,6 +176,32 @@ def test_per_layer_engine_without_per_layer_phase_starts_from_clamped_noise(trai
         PerLayerInversion(layer_steps=-1)
 
 
+def test_per_layer_observed_feature_targets_are_the_observed_features(trained_teacher):
+    """feature_targets=observed: every target is one of the boundary's observed features of its class, each
+    used once while they last; an unknown value is refused naming the field."""
+    from cl_inversion.inversion.features import extract_features
+    from cl_inversion.inversion.per_layer import observed_targets
+
+    torch.manual_seed(0)
+    real = [(torch.randn(12, 1, 8, 8), torch.tensor([0, 1, 2] * 4))]
+    engine = PerLayerInversion(layer_steps=0, full_steps=1, batch_size=16, progress=False, feature_targets="observed")
+    engine.setup((1, 8, 8), PIXEL_RANGE)
+    engine.observe(trained_teacher, real, None, None)
+    observed, observed_labels = extract_features(trained_teacher, real)
+    assert torch.equal(engine.observed[0], observed) and torch.equal(engine.observed[1], observed_labels)
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1, 2])  # class 1: 5 targets from 4 features, one twice
+    targets = observed_targets(observed, observed_labels, labels)
+    for c in (0, 1, 2):
+        pool, mine = observed[observed_labels == c], targets[labels == c]
+        matches = (mine[:, None, :] == pool[None]).all(-1)  # target i equals pool feature j
+        assert bool(matches.any(1).all())
+        assert matches.sum(0).max() == (1 if len(mine) <= len(pool) else 2)
+    images, _ = engine.synthesize(trained_teacher, [0, 1, 2], 6)
+    assert images.shape == (6, 1, 8, 8)
+    with pytest.raises(ConfigError, match="feature_targets='real'"):
+        PerLayerInversion(feature_targets="real")
+
+
 def test_class_gaussians_match_numpy():
     torch.manual_seed(0)
     features = torch.randn(200, 5) * torch.tensor([1.0, 2.0, 0.5, 1.0, 3.0]) + 2
