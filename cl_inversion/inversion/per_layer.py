@@ -153,7 +153,8 @@ class PerLayerInversion(EngineBase):
             old_features, old_labels = extract_features(teacher, old)
             keep = ~torch.isin(old_labels, labels.unique())
             self.gaussians.fit(old_features[keep], old_labels[keep])
-            features, labels = torch.cat([features, old_features[keep]]), torch.cat([labels, old_labels[keep]])
+            if self.feature_targets == "observed":
+                features, labels = torch.cat([features, old_features[keep]]), torch.cat([labels, old_labels[keep]])
         self.observed = (features, labels) if self.feature_targets == "observed" else None
         self.selector = fit_selector(self.gaussians)
 

@@ -18,6 +18,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from cl_inversion.inversion.callback import InversionCallback
 from cl_inversion.resume import load_resume_state, restore
 from cl_inversion.run import TaskLoop, task_seed
 
@@ -33,7 +34,7 @@ def second_task(run: Path, overrides: list[str], resynthesize: bool = False) -> 
         method, t = loop.method, 1
         if resynthesize:
             for callback in loop.callbacks:
-                if hasattr(callback, "images"):
+                if isinstance(callback, InversionCallback):
                     callback.images = callback.labels = None
                     callback.history = []
             L.seed_everything(task_seed(cfg.seed, 0), verbose=False)
