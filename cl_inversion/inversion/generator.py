@@ -162,8 +162,7 @@ class GeneratorInversion(EngineBase):
         with frozen_eval(teacher):
             candidates = torch.cat([self.generator.sample(min(n, 512)) for _ in range(
                 math.ceil(oversample * n / min(n, 512)))])
-            predicted = teacher(candidates)[:, : len(classes)].argmax(1).cpu()
-        candidates = candidates.cpu()
+            predicted = teacher(candidates)[:, : len(classes)].argmax(1).cpu()  # the selection runs on the host
         per_class = [n // len(classes) + (1 if i < n % len(classes) else 0) for i in range(len(classes))]
         chosen, intended, used = [], [], torch.zeros(len(candidates), dtype=torch.bool)
         for c, k in zip(classes, per_class):
@@ -177,8 +176,8 @@ class GeneratorInversion(EngineBase):
             missing = k - len(c_idx)
             index += [c_idx, spare[offset : offset + missing]]
             offset += missing
-        index = torch.cat(index)
-        return candidates[index], torch.tensor(intended, dtype=torch.long)
+        index = torch.cat(index).to(candidates.device)
+        return candidates[index], torch.tensor(intended, dtype=torch.long)  # images stay on the teacher's device
 
     def replay(self, teacher: nn.Module, images: Tensor, labels: Tensor) -> GeneratorReplay:
         return GeneratorReplay(self.generator, teacher)
