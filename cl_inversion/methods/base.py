@@ -144,10 +144,16 @@ class ContinualModule(L.LightningModule):
         return F.cross_entropy(logits[:, : self.n_seen], y)
 
     def class_balance(self, targets: Tensor) -> Tensor:
-        """Per-sample weights: old-class samples n_old/n_seen, new-class samples n_new/n_seen — equal weight
-        per class when a batch is half real (new classes) and half synthetic (old classes), as in ABD."""
+        """Per-sample weights giving each class an equal share of the batch's weight, as in ABD: for a batch
+        half real (new classes), half synthetic (old), old-class samples n_old/n_seen and new-class samples
+        n_new/n_seen; other compositions (`replay_ratio`) are scaled by half the batch over each group's size."""
         old_share = self.n_old / self.n_seen
-        return torch.where(targets < self.n_old, old_share, 1.0 - old_share)
+        is_old = targets < self.n_old
+        n_old_samples = int(is_old.sum())
+        half = len(targets) / 2
+        old_weight = old_share * half / max(n_old_samples, 1)
+        new_weight = (1.0 - old_share) * half / max(len(targets) - n_old_samples, 1)
+        return torch.where(is_old, old_weight, new_weight)
 
     def local_cross_entropy(self, logits: Tensor, y: Tensor) -> Tensor:
         """Cross-entropy over the current task's outputs only (labels shifted to that slice)."""

@@ -10,6 +10,9 @@ drawing old-class images with `sample_replay`.
 `replay_augment` (off in every reference, hence off by default): a random crop (zero padding of 1/8 of the
 image side) and a horizontal flip of each replayed synthetic image, as real CIFAR images get — a fixed buffer
 of a few hundred images (DeepInversion, PMI) is otherwise seen unchanged dozens of times per task.
+
+`replay_ratio` (1 in every reference: R-DFCIL `module.py` draws `inversion.sample(input.shape[0])`, ABD as
+many synthetic images as real ones): synthetic images drawn per real image in each training step.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cl_inversion.errors import ConfigError
 from cl_inversion.methods.base import ContinualModule
 
 
@@ -43,10 +47,14 @@ class InversionStudent(ContinualModule):
     #: the engine a method uses unless `method.inversion` says otherwise
     default_inversion: str = "pixel"
 
-    def __init__(self, *args: Any, inversion: str | None = None, replay_augment: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, inversion: str | None = None, replay_augment: bool = False,
+                 replay_ratio: float = 1.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if not replay_ratio > 0:
+            raise ConfigError(f"method.replay_ratio={replay_ratio!r}: must be > 0 (synthetic images per real image)")
         self.inversion = inversion or self.default_inversion
         self.replay_augment = replay_augment
+        self.replay_ratio = replay_ratio
         self.replay: Any = None  # `.sample(n) -> (images, labels)`, from the inversion callback
 
     def receive_replay(self, replay: Any) -> None:
@@ -54,8 +62,8 @@ class InversionStudent(ContinualModule):
         self.replay = replay
 
     def sample_replay(self, n: int) -> tuple[Tensor, Tensor]:
-        """n replayed old-class images and their labels (crop-and-flipped with `replay_augment`)."""
-        images, labels = self.replay.sample(n)
+        """`replay_ratio` × n replayed old-class images and their labels (crop-and-flipped with `replay_augment`)."""
+        images, labels = self.replay.sample(max(1, round(n * self.replay_ratio)))
         if self.replay_augment:
             images = crop_flip_batch(images, max(1, images.shape[-1] // 8))
         return images, labels

@@ -21,8 +21,8 @@ batches so far (real + synthetic), `w_c = Σn / n_c`, divided by their minimum, 
 end. On the first task (no replay) the balancing epochs train nothing, as in R-DFCIL (its training step
 returns a zero loss there).
   finetune_loss  — "weighted": the counted class weights (R-DFCIL); "balanced_softmax": logits shifted by
-                   the log of each class's share of the batch — half real (new classes), half synthetic
-                   (old) — (Ren et al. 2020).
+                   the log of each class's share of the batch — real images of the new classes, synthetic
+                   of the old, in the proportion `replay_ratio` sets — (Ren et al. 2020).
   finetune_scope — "head": only the classifier, on frozen eval-mode features (R-DFCIL); "all": the
                    whole network.
 """
@@ -162,10 +162,10 @@ class RelationGuided(InversionStudent):
         else:
             logits = self.net(inputs)
         logits = logits[:, : self.n_seen]
-        if self.finetune_loss == "balanced_softmax":  # prior: half the batch real (new), half synthetic (old)
-            n_new = self.n_seen - self.n_old
-            log_prior = torch.full((self.n_seen,), -math.log(n_new), device=logits.device)
-            log_prior[: self.n_old] = -math.log(self.n_old)
+        if self.finetune_loss == "balanced_softmax":  # prior: the batch's real (new) and synthetic (old) shares
+            n_new, synthetic_share = self.n_seen - self.n_old, len(replay_x) / len(inputs)
+            log_prior = torch.full((self.n_seen,), math.log((1 - synthetic_share) / n_new), device=logits.device)
+            log_prior[: self.n_old] = math.log(synthetic_share / self.n_old)
             ce = F.cross_entropy(logits + log_prior, targets)
         else:
             ce = F.cross_entropy(logits, targets, weight=self.class_weights.to(logits.device))

@@ -1,4 +1,5 @@
-"""`replay_augment`: each replayed synthetic image is a crop of its zero-padded self, maybe flipped."""
+"""Replay options of every inversion student: `replay_augment` (each replayed synthetic image is a crop of its
+zero-padded self, maybe flipped) and `replay_ratio` (synthetic images per real image)."""
 
 import torch
 import torch.nn.functional as F
@@ -48,3 +49,36 @@ def test_replay_augment_is_a_method_option_on_the_command_line(tmp_path):
     assert read_results(tmp_path / "ok")["status"] == "completed"
     bad = run_cli("method=deepinversion", "method.replay_augment=maybe", run_dir=tmp_path / "bad", check=False)
     assert bad.returncode != 0 and "method.replay_augment" in bad.stderr
+
+
+def test_replay_ratio_sets_the_synthetic_images_drawn_per_real_image():
+    images, labels = torch.randn(20, 1, 8, 8), torch.arange(4).repeat(5)
+    for ratio, expected in ((1.0, 32), (2.0, 64), (0.5, 16)):
+        student = student_at_second_task(PMI, replay_ratio=ratio)
+        student.receive_replay(BufferReplay(images, labels))
+        x, y = student.sample_replay(32)
+        assert len(x) == len(y) == expected
+        assert student.replay_loss(torch.randn(8, 1, 8, 8), torch.tensor([4, 5] * 4))["loss"].isfinite()
+
+
+def test_replay_ratio_is_a_method_option_on_the_command_line(tmp_path):
+    run_cli("method=pmi", "method.replay_ratio=2", "scenario.n_tasks=2", "trainer.max_epochs=1",
+            "inversion.n_images=16", "inversion.per_layer.layer_steps=2", "inversion.per_layer.full_steps=2",
+            "logger=none", run_dir=tmp_path / "ok")
+    assert read_results(tmp_path / "ok")["status"] == "completed"
+    bad = run_cli("method=abd", "method.replay_ratio=0", run_dir=tmp_path / "bad", check=False)
+    assert bad.returncode != 0 and "method.replay_ratio" in bad.stderr
+
+
+def test_abd_class_balance_gives_each_class_an_equal_share_whatever_the_replay_ratio():
+    from cl_inversion.methods import ABD
+
+    student = student_at_second_task(ABD)  # 4 old classes, 2 new
+    n_old, n_seen = student.n_old, student.n_seen
+    half = torch.cat([torch.tensor([4, 5] * 8), torch.arange(4).repeat(4)])
+    weights = student.class_balance(half)  # ABD's half real, half synthetic batch: its own weights, unchanged
+    assert torch.equal(weights, torch.where(half < n_old, n_old / n_seen, 1 - n_old / n_seen))
+    for targets in (half, torch.cat([torch.tensor([4, 5] * 8), torch.arange(4).repeat(8)])):  # ratio 1 and 2
+        w = student.class_balance(targets)
+        per_class = torch.stack([w[targets == c].sum() for c in range(n_seen)])
+        assert torch.allclose(per_class, per_class.mean().expand(n_seen)), per_class
