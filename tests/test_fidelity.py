@@ -277,3 +277,44 @@ def test_cl_lite_resnet_has_no_relu_after_the_addition_and_its_head_is_rdfcils()
     layer = abd.grow(100)
     assert layer.bias is not None
     assert layer.weight.std().item() == pytest.approx(math.sqrt(2 / 64), rel=0.1)  # Kaiming normal, fan-in 64
+
+
+def test_abd_head_over_all_outputs_is_the_reference_codes_head_loss():
+    """ABD `learners/datafree.py` `update_model`: `criterion(self.model.last(feat_class), targets, dw_cls)` with
+    `last` an nn.Linear over every class of the dataset (digits: 10), features detached."""
+    m = after_first_task(ABD, head_classes="all")
+    assert m.net.head.out_features == 6 and m.unseen.out_features == 4  # 4 + 2 seen, 4 not shown yet
+    m.receive_replay(BufferReplay(torch.randn(12, 1, 8, 8), torch.tensor([0, 1, 2, 3] * 3)))
+    x, y = torch.randn(6, 1, 8, 8), torch.tensor([4, 5] * 3)
+    torch.manual_seed(3)
+    terms = m.loss(x, y)
+    torch.manual_seed(3)
+    rx, ry = m.replay.sample(6)
+    inputs, targets = torch.cat([x, rx]), torch.cat([y, ry])
+    f = m.net.features(inputs)
+    last_weight = torch.cat([m.net.head.weight, m.unseen.weight])  # the reference's one nn.Linear(·, 10)
+    last_bias = torch.cat([m.net.head.bias, m.unseen.bias])
+    w = torch.where(targets < 4, 4 / 6, 2 / 6)
+    head = (F.cross_entropy(f @ last_weight.T + last_bias, targets, reduction="none") * w).mean()
+    assert torch.allclose(terms["head_ce"], head, atol=1e-6)
+
+
+def test_abd_head_over_all_outputs_hands_the_unseen_rows_to_each_new_task():
+    m = student_at_second_task(ABD, head_classes="all")
+    assert m.unseen.weight.requires_grad and any(p is m.unseen.weight for p in m.trainable_parameters())
+    rows = m.unseen.weight.detach().clone()
+    x, y = torch.randn(8, 1, 8, 8), torch.arange(6).repeat(2)[:8]
+    features = m.net.features(x)  # no replay yet: the first task's form, CE over all 10 outputs
+    logits = torch.cat([m.net.head(features), m.unseen(features)], dim=1)
+    assert torch.allclose(m.loss(x, y)["ce"], F.cross_entropy(logits, y), atol=1e-6)
+    from cl_inversion.data import ClassIncrementalScenario, digits
+
+    m.end_task(None)
+    m.begin_task(2, 2, ClassIncrementalScenario(digits(), n_tasks=4, first_task_classes=4).datamodule(2, 8))
+    assert torch.equal(m.net.head.slices[-1].weight, rows[:2]) and torch.equal(m.unseen.weight, rows[2:])
+    state = m.extra_state()
+    fresh = student_at_second_task(ABD, head_classes="all")
+    fresh.load_extra_state(state)
+    assert torch.equal(fresh.unseen.weight, rows[2:])
+    with pytest.raises(ValueError, match="method.head_classes='some'.*seen, all"):
+        student_at_second_task(ABD, head_classes="some")

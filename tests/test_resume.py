@@ -24,6 +24,7 @@ METHOD_ARGS = {"lwf": ["method=lwf"], "ewc": ["method=ewc", "method.fisher_sampl
                # every method that keeps an engine or extra state across tasks
                "deepinversion": ["method=deepinversion", *SMALL_SYNTHESIS],
                "abd": ["method=abd", *SMALL_SYNTHESIS],
+               "abd_head_all": ["method=abd", "method.head_classes=all", *SMALL_SYNTHESIS],
                "rdfcil": ["method=rdfcil", *SMALL_SYNTHESIS],
                "pmi": ["method=pmi", *SMALL_SYNTHESIS],
                "vdfd": ["method=vdfd"]}
