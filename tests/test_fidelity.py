@@ -136,15 +136,20 @@ def test_deepinversion_student_is_abds_deepinversiongenbn_update():
     assert torch.allclose(terms["loss"], ce + kd_old + kd_new, atol=1e-6)
 
 
-def test_abd_student_loss_by_hand():
-    m = after_first_task(ABD)
+def abd_step(m):
+    """ABD's loss on 6 real images of task 1 + 6 replayed, and that batch (the replay drawn again, same seed)."""
     m.receive_replay(BufferReplay(torch.randn(12, 1, 8, 8), torch.tensor([0, 1, 2, 3] * 3)))
     x, y = torch.randn(6, 1, 8, 8), torch.tensor([4, 5] * 3)
     torch.manual_seed(3)
     terms = m.loss(x, y)
     torch.manual_seed(3)
     rx, ry = m.replay.sample(6)
-    inputs, targets = torch.cat([x, rx]), torch.cat([y, ry])
+    return terms, x, y, torch.cat([x, rx]), torch.cat([y, ry])
+
+
+def test_abd_student_loss_by_hand():
+    m = after_first_task(ABD)
+    terms, x, y, inputs, targets = abd_step(m)
     f = m.net.features(inputs)
     logits = m.net.head(f)
     w = torch.where(targets < 4, 4 / 6, 2 / 6)
@@ -284,13 +289,7 @@ def test_abd_head_over_all_outputs_is_the_reference_codes_head_loss():
     `last` an nn.Linear over every class of the dataset (digits: 10), features detached."""
     m = after_first_task(ABD, head_classes="all")
     assert m.net.head.out_features == 6 and m.unseen.out_features == 4  # 4 + 2 seen, 4 not shown yet
-    m.receive_replay(BufferReplay(torch.randn(12, 1, 8, 8), torch.tensor([0, 1, 2, 3] * 3)))
-    x, y = torch.randn(6, 1, 8, 8), torch.tensor([4, 5] * 3)
-    torch.manual_seed(3)
-    terms = m.loss(x, y)
-    torch.manual_seed(3)
-    rx, ry = m.replay.sample(6)
-    inputs, targets = torch.cat([x, rx]), torch.cat([y, ry])
+    terms, _, _, inputs, targets = abd_step(m)
     f = m.net.features(inputs)
     last_weight = torch.cat([m.net.head.weight, m.unseen.weight])  # the reference's one nn.Linear(·, 10)
     last_bias = torch.cat([m.net.head.bias, m.unseen.bias])
