@@ -15,8 +15,10 @@ from cl_inversion.data.datasets import imagefolder
 from cl_inversion.errors import ConfigError
 
 EXPERIMENTS = REPO / "conf" / "experiment"
-# presets that reproduce a published row (they pick a method); cifar10_cpu is a CPU budget, tested below
-PRESETS = sorted(p.stem for p in EXPERIMENTS.glob("*.yaml") if "override /method:" in p.read_text())
+# presets that reproduce a published row (they pick a method and name their task count); cifar10_cpu is a CPU
+# budget and cifar10_cpu_reference the reference ABD run at that budget, both tested below
+PRESETS = sorted(p.stem for p in EXPERIMENTS.glob("*.yaml")
+                 if "override /method:" in p.read_text() and re.search(r"_\d+t$", p.stem))
 
 
 def preset_method(name: str) -> str:
@@ -151,3 +153,10 @@ def test_cifar10_cpu_preset_composes_and_runs_on_an_imagefolder(compose, tmp_pat
     res = json.loads((run_dir / "results.json").read_text())
     assert res["status"] == "completed" and res["config"]["experiment_name"] == "cifar10_cpu"
     assert res["config"]["dataset"]["image_size"] == 16 and len(res["inversion"]) == 1
+
+
+def test_cifar10_cpu_reference_is_abds_recipe_and_its_head_loss(compose):
+    cfg = compose(["experiment=cifar10_cpu_reference"])
+    assert cfg.method._target_ == "cl_inversion.methods.ABD" and cfg.method.head_classes == "all"
+    assert (cfg.backbone.variant, cfg.dataset.color_jitter, cfg.optimizer.lr) == ("abd", True, 0.1)
+    assert cfg.trainer.max_epochs == 15 and cfg.dataset.image_size == 16  # cifar10_cpu's budget
