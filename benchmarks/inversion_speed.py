@@ -53,7 +53,7 @@ SETTINGS: dict[tuple[str, str], dict[str, Any]] = {
                          "quick_epochs": 7, "subset": 10000, "optimizer": "sgd", "di_steps": (400, 2000),
                          "images": (128, 256), "distill": (100, 500)},
     ("cifar10", "vit"): {"overrides": ["dataset=imagefolder", "backbone=clip_small"], "epochs": 8,
-                         "quick_epochs": 2, "subset": None, "optimizer": "adamw", "di_steps": (300, 2000),
+                         "quick_epochs": 7, "subset": None, "optimizer": "adamw", "di_steps": (300, 2000),
                          "images": (128, 256), "distill": (100, 500)},
     ("digits", "vit"): {"overrides": ["dataset=digits", "backbone=clip_small"], "epochs": 30, "quick_epochs": 15,
                         "subset": None, "optimizer": "adamw", "di_steps": (400, 2000), "images": (256, 512),
