@@ -1,5 +1,10 @@
 """Every method's accuracy matrices on digits (seed 0, a small budget, one thread) equal the ones pinned in
-tests/data/pinned_digits.json: a refactor that changes any loss, RNG draw or order of operations shows here."""
+tests/fixtures/pinned_digits.json: a refactor that changes any loss, RNG draw or order of operations shows here.
+
+The same thread count gives the same arithmetic on one kind of CPU, not across kinds: the float kernels differ
+(an AMD EPYC with torch's AVX512 path moved 3 of the 10 matrices by one to five test images). The fixture's
+`matrices` were recorded on the first machine; `alternates` holds, per other machine, the matrices that differ
+there, recorded from code that gave the pinned ones on the first. A result must equal one of the recorded sets."""
 
 from __future__ import annotations
 
@@ -18,8 +23,13 @@ TOLERANCE = 1e-6  # percent; the same thread count gives the same arithmetic
 @pytest.mark.parametrize("method", sorted(PINNED["matrices"]))
 def test_accuracy_matrices_match_the_pinned_ones(method, tmp_path):
     results = run(compose([f"method={method}", *PINNED["overrides"]]), run_dir=tmp_path)
-    for key in ("accuracy_matrix", "task_aware_matrix"):
-        expected, got = PINNED["matrices"][method][key], results[key]
-        assert [len(r) for r in got] == [len(r) for r in expected]
-        assert all(abs(a - b) <= TOLERANCE for ra, rb in zip(got, expected) for a, b in zip(ra, rb)), \
-            f"{method} {key}: {got} != pinned {expected}"
+    recorded = [PINNED["matrices"][method], *(alt["matrices"][method] for alt in PINNED.get("alternates", [])
+                                              if method in alt["matrices"])]
+    got = {key: results[key] for key in ("accuracy_matrix", "task_aware_matrix")}
+    assert any(all(same(got[key], pinned[key]) for key in got) for pinned in recorded), \
+        f"{method}: {got} equals none of the {len(recorded)} pinned sets: {recorded}"
+
+
+def same(got: list[list[float]], expected: list[list[float]]) -> bool:
+    return [len(r) for r in got] == [len(r) for r in expected] and all(
+        abs(a - b) <= TOLERANCE for ra, rb in zip(got, expected) for a, b in zip(ra, rb))

@@ -163,9 +163,9 @@ class RelationGuided(InversionStudent):
             logits = self.net(inputs)
         logits = logits[:, : self.n_seen]
         if self.finetune_loss == "balanced_softmax":  # prior: the batch's real (new) and synthetic (old) shares
-            n_new, synthetic_share = self.n_seen - self.n_old, len(replay_x) / len(inputs)
-            log_prior = torch.full((self.n_seen,), math.log((1 - synthetic_share) / n_new), device=logits.device)
-            log_prior[: self.n_old] = math.log(synthetic_share / self.n_old)
+            n_new = self.n_seen - self.n_old
+            log_prior = torch.full((self.n_seen,), -math.log(n_new), device=logits.device)
+            log_prior[: self.n_old] = -math.log(self.n_old) + math.log(len(replay_x) / len(x))  # + 0 at ratio 1
             ce = F.cross_entropy(logits + log_prior, targets)
         else:
             ce = F.cross_entropy(logits, targets, weight=self.class_weights.to(logits.device))
