@@ -144,9 +144,10 @@ class ContinualModule(L.LightningModule):
         return F.cross_entropy(logits[:, : self.n_seen], y)
 
     def class_balance(self, targets: Tensor) -> Tensor:
-        """Per-sample weights giving each class an equal share of the batch's weight, as in ABD: for a batch
-        half real (new classes), half synthetic (old), old-class samples n_old/n_seen and new-class samples
-        n_new/n_seen; other compositions (`replay_ratio`) are scaled by half the batch over each group's size."""
+        """Per-sample weights giving each class an equal share of the batch's weight. ABD (`learners/datafree.py`
+        `AlwaysBeDreaming.update_model`, `mappings` / `rnt`) weighs its half-real (new classes), half-synthetic
+        (old) batch with n_old/n_seen per old-class sample and n_new/n_seen per new-class one; other
+        compositions (`replay_ratio`) are scaled by half the batch over each group's size."""
         old_share = self.n_old / self.n_seen
         is_old = targets < self.n_old
         n_old_samples = int(is_old.sum())
