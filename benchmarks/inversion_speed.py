@@ -36,6 +36,7 @@ import torch.nn.functional as F
 import yaml
 from hydra.utils import instantiate
 
+from cl_inversion.data.datasets import TensorImageDataset, crop_flip
 from cl_inversion.inversion import BNStatistics
 from cl_inversion.inversion.callback import batched_features, frechet_distance
 from cl_inversion.inversion.common import balanced_labels, frozen_eval, jitter_flip
@@ -44,7 +45,8 @@ from cl_inversion.run import build_dataset, compose
 
 # (dataset, teacher) -> config overrides and budgets. `epochs`/`subset`: the teacher's training (quick:
 # `quick_epochs`, half the subset); `di_steps`: DeepInversion's schedule (quick, full); `images`: the
-# synthetic set (quick, full); `distill`: the students' steps (quick, full).
+# synthetic set (quick, full); `distill`: the students' steps (quick, full); `crop_padding`: the teacher's
+# random-crop padding as a share of the image side (None: the dataset's own augmentation, 4 px).
 SETTINGS: dict[tuple[str, str], dict[str, Any]] = {
     ("digits", "cnn"): {"overrides": ["dataset=digits", "backbone=small_cnn"], "epochs": 15, "quick_epochs": 7,
                         "subset": None, "optimizer": "sgd", "di_steps": (400, 2000), "images": (256, 512),
@@ -54,7 +56,7 @@ SETTINGS: dict[tuple[str, str], dict[str, Any]] = {
                          "images": (128, 256), "distill": (100, 500)},
     ("cifar10", "vit"): {"overrides": ["dataset=imagefolder", "backbone=clip_small"], "epochs": 8,
                          "quick_epochs": 7, "subset": None, "optimizer": "adamw", "di_steps": (300, 2000),
-                         "images": (128, 256), "distill": (100, 500)},
+                         "images": (128, 256), "distill": (100, 500), "crop_padding": 1 / 8},
     ("digits", "vit"): {"overrides": ["dataset=digits", "backbone=clip_small"], "epochs": 30, "quick_epochs": 15,
                         "subset": None, "optimizer": "adamw", "di_steps": (400, 2000), "images": (256, 512),
                         "distill": (300, 600)},
@@ -94,7 +96,12 @@ def train_teacher(cfg, bundle, setting: dict, quick: bool) -> tuple[IncrementalC
     subset = setting["subset"]
     n = len(bundle.train) if subset is None else min(subset // (2 if quick else 1), len(bundle.train))
     index = torch.randperm(len(bundle.train))[:n]
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(bundle.train, index.tolist()), batch_size=128,
+    train, padding = bundle.train, None
+    if setting.get("crop_padding"):  # 4 px of padding is 1/8 of a 32-px side but 1/4 of a 16-px one: scale it
+        padding = max(1, round(setting["crop_padding"] * train.images.shape[-1]))
+        train = TensorImageDataset(train.images, train.targets, train.mean.flatten().tolist(),
+                                   train.std.flatten().tolist(), crop_flip(padding=padding))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(train, index.tolist()), batch_size=128,
                                          shuffle=True)
     if setting["optimizer"] == "adamw":  # ViTs from scratch: AdamW, one-cycle, label smoothing
         peak, optimizer = 2e-3, torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=0.05)
@@ -113,8 +120,8 @@ def train_teacher(cfg, bundle, setting: dict, quick: bool) -> tuple[IncrementalC
             scheduler.step()
     net.eval().requires_grad_(False)
     test_x = plain(bundle.test, torch.arange(len(bundle.test)))
-    info = {"epochs": epochs, "train_images": n, "train_s": time.perf_counter() - began,
-            "test_accuracy": accuracy(net, test_x, bundle.test.targets)}
+    info = {"epochs": epochs, "train_images": n, "crop_padding": padding or "dataset",
+            "train_s": time.perf_counter() - began, "test_accuracy": accuracy(net, test_x, bundle.test.targets)}
     return net, info
 
 
