@@ -24,6 +24,7 @@ Last output line: one JSON object.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import sys
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 import yaml
 from hydra.utils import instantiate
 
-from cl_inversion.data.datasets import TensorImageDataset, crop_flip
+from cl_inversion.data.datasets import crop_flip
 from cl_inversion.inversion import BNStatistics
 from cl_inversion.inversion.callback import batched_features, frechet_distance
 from cl_inversion.inversion.common import balanced_labels, frozen_eval, jitter_flip
@@ -99,8 +100,8 @@ def train_teacher(cfg, bundle, setting: dict, quick: bool) -> tuple[IncrementalC
     train, padding = bundle.train, None
     if setting.get("crop_padding"):  # 4 px of padding is 1/8 of a 32-px side but 1/4 of a 16-px one: scale it
         padding = max(1, round(setting["crop_padding"] * train.images.shape[-1]))
-        train = TensorImageDataset(train.images, train.targets, train.mean.flatten().tolist(),
-                                   train.std.flatten().tolist(), crop_flip(padding=padding))
+        train = copy.copy(train)  # same tensors, its own augmentation
+        train.augment = crop_flip(padding=padding)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(train, index.tolist()), batch_size=128,
                                          shuffle=True)
     if setting["optimizer"] == "adamw":  # ViTs from scratch: AdamW, one-cycle, label smoothing

@@ -92,7 +92,6 @@ def test_balancing_phase_is_balanced_softmax_plus_hkd_and_scope_decides_what_lea
         assert backbone_grad.abs().sum() > 0
 
 
-
 def test_balanced_softmax_prior_follows_the_replay_ratio():
     """Ren et al. 2020: logits + log of each class's share of the batch; 6 real (2 new classes), 12 synthetic
     (4 old): an old class holds 3/18 of the batch, a new one 3/18 as well."""
@@ -105,6 +104,7 @@ def test_balanced_softmax_prior_follows_the_replay_ratio():
     prior = torch.tensor([math.log((12 / 18) / 4)] * 4 + [math.log((6 / 18) / 2)] * 2)
     expected = F.cross_entropy(logits + prior, torch.cat([y, replay_y]))
     assert torch.allclose(terms["balanced_ce"], expected, atol=1e-5)
+
 
 def test_unknown_balancing_settings_are_rejected_with_the_field_name():
     with pytest.raises(ValueError, match="method.finetune_loss='focal'.*weighted, balanced_softmax"):
