@@ -105,9 +105,14 @@ def build_inversion(cfg: DictConfig, method: ContinualModule) -> list[L.Callback
     if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 1:
         raise ConfigError(f"inversion.n_images={n_images!r} must be an integer >= 1 (synthetic images made "
                           f"at each task boundary for method.inversion={name})")
+    per_task = cfg.inversion.get("n_images_per_task", 0)
+    if isinstance(per_task, bool) or not isinstance(per_task, int) or per_task < 0:
+        raise ConfigError(f"inversion.n_images_per_task={per_task!r} must be an integer >= 0 (images added to the "
+                          "boundary's synthetic set per task learned)")
     from cl_inversion.inversion import InversionCallback
 
-    return [InversionCallback(instantiate(engines[name]), n_images=cfg.inversion.n_images, grid=cfg.inversion.grid)]
+    return [InversionCallback(instantiate(engines[name]), n_images=cfg.inversion.n_images, grid=cfg.inversion.grid,
+                              n_images_per_task=per_task)]
 
 
 def build_logger(cfg: DictConfig, run_dir: Path) -> Any:

@@ -186,6 +186,11 @@ class TaskDataModule(L.LightningDataModule):
     def test_dataloaders(self) -> list[DataLoader]:
         return [self._loader(self.scenario.test_set(j), shuffle=False) for j in range(self.task + 1)]
 
+    def augmented_train_dataloader(self) -> DataLoader:
+        """Task t's training images with their training augmentation, in order, none dropped (the features PMI's
+        feature model is fitted on)."""
+        return DataLoader(self.train_data, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+
     def plain_train_dataloader(self) -> DataLoader:
         """Task t's training images without augmentation or shuffling (feature statistics, Fisher)."""
         split = self.scenario.train

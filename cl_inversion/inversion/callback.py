@@ -87,13 +87,14 @@ and hands its replay to the student (`method.receive_replay`) for the next task.
     """
 
     def __init__(self, engine: SynthesisEngine, n_images: int = 2560, grid: bool = True,
-                 metric_batch: int = 512) -> None:
+                 metric_batch: int = 512, n_images_per_task: int = 0) -> None:
         missing = missing_members(engine)
         if missing:
             raise ConfigError(f"{type(engine).__name__} is not a synthesis engine: it lacks {', '.join(missing)} "
                               "(see cl_inversion/inversion/engine.py for the contract)")
         self.engine = engine
         self.n_images = n_images
+        self.n_images_per_task = n_images_per_task  # PMI's pool: init_samples + per_task_samples · (t + 1)
         self.grid = grid
         self.metric_batch = metric_batch
         self.history: list[dict[str, Any]] = []
@@ -110,11 +111,14 @@ and hands its replay to the student (`method.receive_replay`) for the next task.
         teacher = self.teacher_of(method).to(context.device)
         self.engine.setup(context.image_shape, context.pixel_range)
         began = time.perf_counter()
-        self.engine.observe(teacher, context.datamodule.plain_train_dataloader(), self.images, self.labels)
+        datamodule = context.datamodule
+        real = (datamodule.augmented_train_dataloader() if getattr(self.engine, "observe_augmented", False)
+                else datamodule.plain_train_dataloader())
+        self.engine.observe(teacher, real, self.images, self.labels)
         classes = list(range(method.n_seen))
-        images, labels = self.engine.synthesize(teacher, classes, self.n_images)
+        images, labels = self.engine.synthesize(teacher, classes, self.n_images_for(context.task))
         wall_s = time.perf_counter() - began
-        device = str(images.device)  # where the engine ran (the trainer's device: issue 15, item 11)
+        device = str(context.device)  # where the engine ran: the trainer's device
         self.images, self.labels = images.detach().cpu(), labels.cpu()
         record = {"task": context.task, "engine": self.engine.name, "device": device, "n_images": len(labels),
                   "wall_s": wall_s,
@@ -124,6 +128,10 @@ and hands its replay to the student (`method.receive_replay`) for the next task.
         method.receive_replay(self.engine.replay(teacher, self.images, self.labels))
         grid_path = self.save_grid(context) if self.grid else None
         self.log_record(context, record, grid_path)
+
+    def n_images_for(self, task: int) -> int:
+        """Images made at the boundary after `task` (0-based): `n_images + n_images_per_task · (task + 1)`."""
+        return self.n_images + self.n_images_per_task * (task + 1)
 
     @torch.no_grad()
     def measure(self, teacher: nn.Module, images: Tensor, labels: Tensor, context: TaskContext) -> dict[str, Any]:

@@ -1,21 +1,35 @@
-"""PMI's per-layer model inversion (Tong et al., NeurIPS 2025).
+"""PMI's per-layer model inversion (Tong et al., NeurIPS 2025), as its authors' code does it.
 
-For a batch of target features (sampled from class Gaussians, see `features.py`; `feature_targets=observed`:
-drawn from the features the boundary observed instead — the new classes' real training features and the old
-classes' previous synthetic set, the very features the Gaussians summarise — an option of ours, not PMI's):
-  1. invert the backbone block by block from the last to the first: each block's *input* is optimised
-     so that the block reproduces its target output (relative MSE) with the block's BatchNorm statistics (KL)
-     and a prior from the preceding BatchNorm (the input's channel statistics vs N(β, γ²)); the
-     optimised input becomes the previous block's target; ~50 cheap steps per block;
-  2. the resulting image initialises a short full-model inversion (~160 steps): MSE to the target
-     feature + BN KL + cross-entropy to the label + TV prior.
-Blocks come from the backbone's `blocks()`; cost is counted in full-model passes, a block step
-counting its share of the network's FLOPs.
+Reference: RuilinTong/PMI-CFS-DFCL at 2913603, `ResNet-32/inversion/class_wise_image_for_contrastive.py`
+(`ClassWiseContrastiveInversion.layer_wise_inversion_for_cl`, `inversion`, `init_layer_input`, `KLDivergence`,
+`WarmupScheduler`) and `continual_runner/class_wise_contrastive_buffer.py` (`generate_data_by_selection`);
+the BN hook `ModifiedBNInputHook` and the block list `get_all_blocks` are `.pyc` there and read from the
+REMIX fork (pkrukowski1/REMIX-Model-Inversion-via-Laplace-Kernel at d1f7f86, `inversion/functions.py`,
+`backbone/resnet_cifar.py`).
+
+For target features drawn per class (`features.py`: class Gaussians + contrastive selection):
+  1. per block, last to first (a ResNet-32: 16 blocks, the stem and every residual block): the block's
+     input u is optimised (Adam, `layer_lr`, `layer_steps`) so that the block — the last one followed by
+     average pooling — reproduces its target:
+        α_mse·MSE(block(u), target) + α_bn·Σ_BN-in-block KL(batch ‖ running) + α_in·KL(u ‖ N(β, γ²))
+     with α_bn = α_in = `bn_weight · n_blocks · layer_bn_factor` (0.25 · 16 · 20), u started at N(β, γ²) of the
+     preceding block's last BatchNorm (the image: N(0, 1), no prior); the kept iterate becomes the previous
+     block's target;
+  2. from that image, `full_steps` steps of the whole network at `lr` (5 warm-up steps, ×`lr_decay` at
+     `milestones`): α_mse·MSE(pooled feature, target) + α_bn·Σ_all-BN KL(batch ‖ running), α_bn = `bn_weight`.
+In both phases a weight doubles (capped) at every step whose term is above its first value (`boost`), and the
+iterate after the step with the lowest MSE + base-weighted statistics loss is kept (`keep_best`).
+No cross-entropy, no image prior, no jitter or flip; images are not clamped.
+
+Options of ours, reference values by default: `block_mse=relative` (MSE / the target's mean square),
+`ce_weight`/`tv_weight` > 0 (cross-entropy to the label and DeepInversion's TV prior in the full phase),
+`feature_targets=observed` (the observed features instead of Gaussian samples), `search=true` (the
+reference's optional per-block lr / weight search), `precision=bf16-mixed`, `nan_retries`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,28 +39,76 @@ from torch.utils.flop_counter import FlopCounterMode
 from cl_inversion.errors import ConfigError
 from cl_inversion.inversion.common import (
     PRECISIONS,
-    BNStatistics,
-    PixelSchedule,
     SynthesisProgress,
     SynthesisStats,
     autocast,
-    balanced_labels,
-    clamp_to,
     frozen_eval,
-    gaussian_kl,
-    optimise_pixels,
     retry_on_nan,
     total_variation_l2,
 )
 from cl_inversion.inversion.engine import EngineBase
-from cl_inversion.inversion.features import (
-    ClassGaussians,
-    ContrastiveSelector,
-    extract_features,
-    fit_selector,
-    sample_aligned_features,
-)
-from cl_inversion.nn_utils import batchnorm_layers, has_batchnorm
+from cl_inversion.inversion.features import FeatureModel, extract_features
+from cl_inversion.inversion.replay import BufferReplay
+from cl_inversion.nn_utils import batchnorm_layers
+
+HINT = "lower inversion.per_layer.lr / layer_lr or set inversion.per_layer.nan_retries"
+FEATURE_TARGETS = ("gaussian", "observed")
+BLOCK_MSE = ("plain", "relative")
+
+
+def kl_to_gaussian(x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+    """KL(N(batch mean, batch var) ‖ N(mean, var)) per channel, averaged over channels: PMI's BN term
+    (`ModifiedBNInputHook.stats_regularization`) and input prior (`KLDivergence.compute_loss`), the same
+    arithmetic: var_b = biased batch variance + 1e-8,
+    ½·mean(log var − log(var_b + 1e-8) − (1 − (var_b + (μ_b − mean)²) / var))."""
+    x = x.float()
+    channels = x.shape[1]
+    dims = [0] + list(range(2, x.dim()))
+    batch_mean = x.mean(dims)
+    batch_var = x.transpose(0, 1).reshape(channels, -1).var(1, unbiased=False) + 1e-8
+    r = torch.log(var) - torch.log(batch_var + 1e-8) - (1 - (batch_var + (batch_mean - mean) ** 2) / var)
+    return r.mean() * 0.5
+
+
+class BatchNormInputs:
+    """Forward hooks keeping the input of every BatchNorm layer of `net`; `kl()` sums `kl_to_gaussian`
+    against each layer's running statistics (PMI's `register_hooks`, `hook_type='kl'`, all layers)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        self.layers = batchnorm_layers(net)
+        self.inputs: list[Tensor | None] = [None] * len(self.layers)
+        self.handles = [layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(self.layers)]
+
+    def _hook(self, index: int):
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            self.inputs[index] = inputs[0]
+        return hook
+
+    def kl(self) -> Tensor:
+        terms = [kl_to_gaussian(x, layer.running_mean.detach().float(), layer.running_var.detach().float())
+                 for layer, x in zip(self.layers, self.inputs)]
+        return torch.stack(terms).sum()
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __enter__(self) -> BatchNormInputs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def full_phase_lr(step: int, lr: float, warmup: int, milestones: Sequence[int], decay: float) -> float:
+    """The lr of full-model step `step` (0-based) under PMI's `WarmupScheduler` around a `MultiStepLR`, stepped
+    after every optimiser step: lr/warmup at steps 0 and 1, k·lr/warmup at step k ≤ warmup, then ×`decay` at
+    each milestone counted from the end of the warm-up."""
+    if step == 0:
+        return lr / max(warmup, 1)
+    if step <= warmup:
+        return lr * step / warmup
+    return lr * decay ** sum(1 for m in milestones if m <= step - warmup)
 
 
 def pooled(x: Tensor) -> Tensor:
@@ -54,7 +116,7 @@ def pooled(x: Tensor) -> Tensor:
 
 
 def relative_mse(output: Tensor, target: Tensor) -> Tensor:
-    """MSE divided by the target's mean square: comparable across blocks whose activations differ in scale."""
+    """MSE divided by the target's mean square (an option: comparable across blocks of different scale)."""
     return F.mse_loss(output, target) / (target.pow(2).mean() + 1e-8)
 
 
@@ -76,22 +138,22 @@ def block_costs(blocks: Sequence[nn.Module], x: Tensor) -> tuple[list[float], li
     return [f / total for f in flops], shapes
 
 
-def block_start(prior: nn.Module | None, is_image: bool, n: int, shape: torch.Size, device: torch.device) -> Tensor:
-    """Where a block's input starts: noise for the image; N(β, γ²) of the preceding BatchNorm otherwise."""
-    if is_image or prior is None:
-        return torch.randn(n, *shape, device=device)
+def block_start(prior: nn.Module | None, n: int, shape: torch.Size, device: torch.device) -> tuple[Tensor, Callable | None]:
+    """A block's starting input and its prior (`init_layer_input`): N(β, γ²) of the preceding block's last
+    BatchNorm (γ as signed in the layer) with KL(u ‖ N(β, γ²)) as prior; N(0, 1) and no prior for the image or
+    where no BatchNorm precedes."""
+    noise = torch.randn(n, *shape).to(device)
+    if prior is None:
+        return noise, None
     view = (1, -1, *[1] * (len(shape) - 1))
-    return prior.bias.view(view) + prior.weight.abs().view(view) * torch.randn(n, *shape, device=device)
-
-
-HINT = "lower inversion.per_layer.lr / layer_lr or set inversion.per_layer.nan_retries"
-FEATURE_TARGETS = ("gaussian", "observed")
+    gamma, beta = prior.weight.detach().float(), prior.bias.detach().float()
+    start = noise * gamma.view(view) + beta.view(view)
+    return start, lambda u: kl_to_gaussian(u, beta, gamma.pow(2))
 
 
 def observed_targets(features: Tensor, feature_labels: Tensor, labels: Tensor) -> Tensor:
-    """Target features for `labels` drawn from the boundary's observed features of each class (the new
-    classes' real training features, the old classes' previous synthetic set), without replacement while
-    they last."""
+    """Target features for `labels` drawn from the boundary's observed features of each class, without
+    replacement while they last (the `feature_targets=observed` option)."""
     targets = torch.empty(len(labels), features.shape[1])
     for c in labels.unique().tolist():
         where = (labels == c).nonzero().flatten()
@@ -104,193 +166,223 @@ def observed_targets(features: Tensor, feature_labels: Tensor, labels: Tensor) -
 
 
 class PerLayerInversion(EngineBase):
-    """Synthesis engine: per-layer inversion initialising a short full-model inversion."""
+    """Synthesis engine: PMI's per-block inversion initialising a short full-model inversion."""
 
     name = "per_layer"
 
-    def __init__(self, layer_steps: int = 50, full_steps: int = 160, batch_size: int = 256, layer_lr: float = 0.1,
-                 lr: float = 0.05, feature_weight: float = 1.0, ce_weight: float = 1.0, bn_weight: float = 10.0,
-                 layer_bn_weight: float = 1.0, prior_weight: float = 1.0, tv_weight: float = 2.5e-5, jitter: int = 2,
-                 flip: bool = True,
-                 covariance: str = "diagonal", oversample: int = 2, bn_loss: str = "kl",
-                 first_bn_multiplier: float = 10.0, precision: str = "32", nan_retries: int = 0,
-                 feature_targets: str = "gaussian", progress: bool = True, log_every: int = 10) -> None:
+    def __init__(self, layer_steps: int = 50, full_steps: int = 160, batch_size: int = 4000, layer_lr: float = 0.8,
+                 lr: float = 0.4, bn_weight: float = 0.25, layer_bn_factor: float = 20.0, warmup: int = 5,
+                 milestones: Sequence[int] = (80, 120), lr_decay: float = 0.5, boost: bool = True,
+                 keep_best: bool = True, search: bool = False, block_mse: str = "plain", ce_weight: float = 0.0,
+                 tv_weight: float = 0.0, feature_targets: str = "gaussian", observe_augmented: bool = True,
+                 selection: str = "contrastive", rescale: str = "reference", contrastive_blocks: int = 2,
+                 contrastive_lr: float = 1e-2, contrastive_epochs: int = 200, contrastive_tau: float = 1.0,
+                 select_step: int = 40, keep_rate: float = 0.5, precision: str = "32", nan_retries: int = 0,
+                 progress: bool = True, log_every: int = 10) -> None:
         super().__init__()
         if str(precision) not in PRECISIONS:
             raise ConfigError(f"inversion.per_layer.precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
-        self.precision = str(precision)
-        self.layer_steps, self.full_steps, self.batch_size = layer_steps, full_steps, batch_size
-        self.layer_lr, self.lr = layer_lr, lr
-        self.feature_weight, self.ce_weight, self.bn_weight = feature_weight, ce_weight, bn_weight
-        self.prior_weight, self.tv_weight, self.jitter, self.flip = prior_weight, tv_weight, jitter, flip
-        self.layer_bn_weight = layer_bn_weight
         if layer_steps < 0 or full_steps < 0:
             raise ConfigError(f"inversion.per_layer.layer_steps={layer_steps}, full_steps={full_steps}: "
                               "steps must be >= 0 (layer_steps=0: full-model inversion from noise)")
-        if bn_loss not in ("kl", "norm"):
-            raise ConfigError(f"inversion.per_layer.bn_loss={bn_loss!r}: choose one of kl, norm")
-        self.bn_loss, self.first_bn_multiplier = bn_loss, first_bn_multiplier
         if feature_targets not in FEATURE_TARGETS:
             raise ConfigError(f"inversion.per_layer.feature_targets={feature_targets!r}: choose one of "
                               f"{', '.join(FEATURE_TARGETS)}")
-        self.feature_targets = feature_targets
-        self.observed: tuple[Tensor, Tensor] | None = None  # this boundary's features (feature_targets=observed)
-        self.oversample, self.progress, self.log_every = oversample, progress, log_every
-        self.nan_retries = nan_retries
-        self.gaussians = ClassGaussians(covariance)
-        self.selector: ContrastiveSelector | None = None
+        if block_mse not in BLOCK_MSE:
+            raise ConfigError(f"inversion.per_layer.block_mse={block_mse!r}: choose one of {', '.join(BLOCK_MSE)}")
+        if batch_size < 1:
+            raise ConfigError(f"inversion.per_layer.batch_size={batch_size}: must be >= 1")
+        self.layer_steps, self.full_steps, self.batch_size = layer_steps, full_steps, batch_size
+        self.layer_lr, self.lr, self.bn_weight, self.layer_bn_factor = layer_lr, lr, bn_weight, layer_bn_factor
+        self.warmup, self.milestones, self.lr_decay = warmup, list(milestones), lr_decay
+        self.boost, self.keep_best, self.search = boost, keep_best, search
+        self.block_mse, self.ce_weight, self.tv_weight = block_mse, ce_weight, tv_weight
+        self.feature_targets, self.observe_augmented = feature_targets, observe_augmented
+        self.precision, self.nan_retries = str(precision), nan_retries
+        self.progress, self.log_every = progress, log_every
+        self.features = FeatureModel(blocks=contrastive_blocks, lr=contrastive_lr, epochs=contrastive_epochs,
+                                     tau=contrastive_tau, select_step=select_step, keep_rate=keep_rate,
+                                     selection=selection, rescale=rescale)
+        self.observed: tuple[Tensor, Tensor] | None = None
+        self.searched: list[tuple[float, float]] | None = None  # per block: (lr, weight) the search chose
         self.last_targets: Tensor | None = None
-        self.block_losses: list[tuple[float, float]] = []  # per block: (first, last) reconstruction MSE
+        self.block_losses: list[tuple[float, float]] = []  # per block: (first, best) reconstruction MSE
 
+    # --- the feature model ---------------------------------------------------------------------------
     def observe(self, teacher: nn.Module, real_batches, replay_images: Tensor | None,
                 replay_labels: Tensor | None) -> None:
-        """The task boundary's feature model: class Gaussians (new classes on real features, old classes
-        re-estimated on the previous synthetic buffer through the new teacher) and the contrastive selector."""
+        """The boundary's feature model (`ClassWiseContrastiveBuffer.update_buffer`): Gaussians and contrastive
+        encoders of the new classes from their real training features, of the old classes from the previous
+        synthetic pool's features, both through the new teacher."""
         features, labels = extract_features(teacher, real_batches)
-        self.gaussians.fit(features, labels)
         if replay_images is not None:
-            old = [(replay_images[i : i + 256], replay_labels[i : i + 256]) for i in range(0, len(replay_labels), 256)]
+            old = [(replay_images[i : i + 100], replay_labels[i : i + 100]) for i in range(0, len(replay_labels), 100)]
             old_features, old_labels = extract_features(teacher, old)
             keep = ~torch.isin(old_labels, labels.unique())
-            self.gaussians.fit(old_features[keep], old_labels[keep])
-            if self.feature_targets == "observed":
-                features, labels = torch.cat([features, old_features[keep]]), torch.cat([labels, old_labels[keep]])
+            features, labels = torch.cat([old_features[keep], features]), torch.cat([old_labels[keep], labels])
+        self.features.fit(features, labels)
         self.observed = (features, labels) if self.feature_targets == "observed" else None
-        self.selector = fit_selector(self.gaussians)
 
+    # --- synthesis -----------------------------------------------------------------------------------
     def synthesize(self, teacher: nn.Module, classes: Sequence[int], n: int) -> tuple[Tensor, Tensor]:
-        missing = [c for c in classes if c not in self.gaussians.mean]
+        missing = [c for c in classes if c not in self.features.gaussians.mean]
         if missing:
-            raise RuntimeError(f"per_layer synthesis: no feature Gaussian for classes {missing} (call observe first)")
+            raise RuntimeError(f"per_layer synthesis: no feature model for classes {missing} (call observe first)")
         self.stats = SynthesisStats()
-        self.block_losses = []
-        labels = balanced_labels(classes, n)
+        self.block_losses, self.searched = [], None
+        targets, labels = self.features.sample(n, classes)
         if self.observed is not None:
             targets = observed_targets(*self.observed, labels)
-        else:
-            targets = sample_aligned_features(self.gaussians, labels, self.oversample, self.selector)
         self.last_targets = targets
         device = next(teacher.parameters()).device
         chunks = []
         with frozen_eval(teacher):
-            if not has_batchnorm(teacher):
-                self.stats.notes.append("teacher has no BatchNorm layer: BN-statistics and BN-prior terms disabled; "
-                                        "the Gaussian feature targets carry the alignment")
             for start in range(0, n, self.batch_size):
-                y = labels[start : start + self.batch_size].to(device)
                 f = targets[start : start + self.batch_size].to(device)
+                y = labels[start : start + self.batch_size].to(device)
                 chunks.append(retry_on_nan(lambda lr, _, f=f, y=y: self.invert_batch(teacher, f, y, lr / self.lr),
                                            self.lr, self.nan_retries, self.stats, f"batch {start // self.batch_size}"))
-        return torch.cat(chunks), labels
+        return torch.cat(chunks).cpu(), labels
 
     def invert_batch(self, teacher: nn.Module, target_features: Tensor, labels: Tensor,
                      lr_scale: float = 1.0) -> Tensor:
-        """Per-layer phase, then the full-model phase, both learning rates scaled by `lr_scale` (NaN retries)."""
+        """Per-block phase, then the full-model phase, both learning rates scaled by `lr_scale` (NaN retries)."""
         image = self.invert_layers(teacher, target_features, self.layer_lr * lr_scale)
         return self.invert_full(teacher, image, target_features, labels, self.lr * lr_scale)
 
     def invert_layers(self, teacher: nn.Module, target_features: Tensor, layer_lr: float | None = None) -> Tensor:
-        """Block-wise inversion, last block first; returns the image-level input (with `layer_steps=0`, the
-        ablation without the per-layer phase: noise clamped to the pixel range)."""
-        blocks = list(teacher.backbone.blocks())
-        low, high = (r.to(target_features.device) for r in self.pixel_range)
+        """The per-block phase, last block first; returns the image it ends with (`layer_steps=0`: N(0, 1))."""
+        device, n = target_features.device, len(target_features)
         if self.layer_steps == 0:
-            return clamp_to(torch.randn(len(target_features), *self.image_shape, device=target_features.device),
-                            low, high)
-        shares, shapes = self._block_costs_of(teacher, blocks, target_features)
-        relu_inputs = has_batchnorm(teacher)
-        target = target_features
+            return torch.randn(n, *self.image_shape).to(device)
+        layer_lr = self.layer_lr if layer_lr is None else layer_lr
+        blocks = list(teacher.backbone.blocks())
+        shares, shapes = self._block_costs_of(teacher, blocks, device)
+        weight = self.bn_weight * len(blocks) * self.layer_bn_factor
         progress = SynthesisProgress(self.layer_steps * len(blocks), "PMI per-layer", self.stats, self.log_every,
                                      self.progress, engine=self.name, hint=HINT)
+        if self.searched is None:
+            self.searched = [None] * len(blocks)
+        target = target_features
         try:
             for k in reversed(range(len(blocks))):
+                last = k == len(blocks) - 1
                 prior = last_batchnorm(blocks[k - 1]) if k > 0 else None
-                u = block_start(prior, k == 0, len(target), shapes[k], target.device)
-                target = self._invert_block(blocks[k], k, len(blocks), u, target, prior, relu_inputs,
-                                            self.layer_lr if layer_lr is None else layer_lr, shares[k], (low, high),
-                                            progress)
+                forward = (lambda u, b=blocks[k]: pooled(b(u))) if last else blocks[k]
+                candidates = ([(lr, w) for lr in (2 * layer_lr, layer_lr, layer_lr / 2, layer_lr / 4, layer_lr / 8)
+                               for w in (weight, weight / 2, weight / 4, weight / 8)]
+                              if self.search and self.searched[k] is None else [self.searched[k] or (layer_lr, weight)])
+                best = None
+                for lr, w in candidates:
+                    start, prior_loss = block_start(prior, n, shapes[k], device)
+                    with BatchNormInputs(blocks[k]) as bn:
+                        u, loss, first = self.optimise(start, target, forward, bn, prior_loss, self.layer_steps,
+                                                       lambda _, lr=lr: lr, w, weight, shares[k], progress,
+                                                       {"block": k}, mse=self.block_mse)
+                    if best is None or loss < best[1]:
+                        best = (u, loss, first, (lr, w))
+                u, _, first, self.searched[k] = best
+                self.block_losses.insert(0, (first, float(F.mse_loss(forward(u), target))))
+                target = u
         finally:
             progress.close()
         return target
 
-    def _block_costs_of(self, teacher: nn.Module, blocks: list[nn.Module], target: Tensor):
-        """One FLOP probe per teacher and batch size, not per batch (a new teacher drops the old entries)."""
-        costs = getattr(self, "_block_costs", {})
-        key = (id(teacher), len(target))
-        if key not in costs:
-            probe = torch.zeros(len(target), *self.image_shape, device=target.device)
-            costs = {key: block_costs(blocks, probe)}
-            self._block_costs = costs
-        return costs[key]
-
-    def _invert_block(self, block: nn.Module, k: int, n_blocks: int, u: Tensor, target: Tensor,
-                      prior: nn.Module | None, relu_inputs: bool, lr: float, share: float,
-                      pixel_box: tuple[Tensor, Tensor], progress: SynthesisProgress) -> Tensor:
-        """Optimise block k's input `u` so the block reproduces `target` (relative MSE + the block's BN KL +
-        the preceding BN's prior on u, or TV and the pixel box for the image); returns the block's input."""
-        is_image = k == 0
-        u = u.detach().requires_grad_(True)
-        optimizer = torch.optim.Adam([u], lr=lr)
-        first = None
-        with BNStatistics(block) as bn:
-            for _ in range(self.layer_steps):
-                x = u if is_image or not relu_inputs else F.relu(u)
-                out = block(x)
-                rec = relative_mse(pooled(out) if k == n_blocks - 1 else out, target)
-                loss = rec + (self.layer_bn_weight * bn.kl() if len(bn) else 0.0)
-                if prior is not None and not is_image:
-                    dims = [0] + list(range(2, u.dim()))
-                    loss = loss + self.prior_weight * gaussian_kl(
-                        prior.bias, prior.weight.pow(2), u.mean(dims), u.var(dims, unbiased=False)).mean()
-                if is_image:
-                    loss = loss + self.tv_weight * total_variation_l2(u)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if is_image:
-                    with torch.no_grad():
-                        u.copy_(clamp_to(u, *pixel_box))
-                first = rec.detach() if first is None else first
-                self.stats.full_model_passes += share
-                progress.update({"block": k, "rec": rec}, loss)
-        self.block_losses.insert(0, (float(first), float(rec.detach())))
-        return (u if is_image or not relu_inputs else F.relu(u)).detach()
-
     def invert_full(self, teacher: nn.Module, image: Tensor, target_features: Tensor, labels: Tensor,
                     lr: float | None = None) -> Tensor:
-        """Short full-model inversion from the per-layer initialisation (DeepInversion's loop, PMI's loss)."""
-        x = image.clone().requires_grad_(True)
+        """The full-model phase from the per-block image: MSE of the pooled feature + Σ BN KL."""
+        lr = self.lr if lr is None else lr
         progress = SynthesisProgress(self.full_steps, "PMI full-model", self.stats, self.log_every, self.progress,
                                      engine=self.name, hint=HINT)
-        schedule = PixelSchedule(self.full_steps, self.lr if lr is None else lr, (0.5, 0.9), True, self.jitter,
-                                 self.flip)
-        with BNStatistics(teacher) as bn:
-            return optimise_pixels(x, lambda view: self.full_loss(teacher, bn, view, target_features, labels),
-                                   schedule, self.pixel_range, self.stats, progress, self.step_hook)
+        if self.step_hook is not None:
+            self.step_hook(image.detach(), -1)
 
-    def full_loss(self, teacher: nn.Module, bn: BNStatistics, view: Tensor, target_features: Tensor,
-                  labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """MSE to the sampled feature + cross-entropy to the label + BN statistics + TV prior."""
-        with autocast(self.precision, view.device):
-            features = teacher.features(view)
-            logits = teacher.head(features)
-        features, logits = features.float(), logits.float()
-        feat = F.mse_loss(features, target_features)
-        ce = F.cross_entropy(logits, labels)
-        if not len(bn):
-            bn_term = torch.zeros((), device=view.device)
-        elif self.bn_loss == "norm":
-            bn_term = bn.norm_distance(self.first_bn_multiplier)
-        else:
-            bn_term = bn.kl()
-        loss = self.feature_weight * feat + self.ce_weight * ce + self.bn_weight * bn_term
-        if self.tv_weight:
-            loss = loss + self.tv_weight * total_variation_l2(view)
-        return loss, {"feature": feat, "ce": ce, "bn": bn_term}
+        def forward(x: Tensor) -> Tensor:
+            with autocast(self.precision, x.device):
+                features = teacher.features(x)
+            return features.float()
+
+        extra = None
+        if self.ce_weight or self.tv_weight:
+            def extra(x: Tensor, features: Tensor) -> Tensor:
+                ce = F.cross_entropy(teacher.head(features), labels) if self.ce_weight else 0.0
+                tv = total_variation_l2(x) if self.tv_weight else 0.0
+                return self.ce_weight * ce + self.tv_weight * tv
+        try:
+            with BatchNormInputs(teacher) as bn:
+                x, _, _ = self.optimise(image, target_features, forward, bn, None, self.full_steps,
+                                        lambda k: full_phase_lr(k, lr, self.warmup, self.milestones, self.lr_decay),
+                                        self.bn_weight, self.bn_weight, 1.0, progress, {}, extra=extra,
+                                        step_hook=self.step_hook)
+        finally:
+            progress.close()
+        return x
+
+    def optimise(self, start: Tensor, target: Tensor, forward: Callable[[Tensor], Tensor], bn: BatchNormInputs,
+                 prior: Callable[[Tensor], Tensor] | None, steps: int, lr_at: Callable[[int], float], weight: float,
+                 base: float, share: float, progress: SynthesisProgress, tags: dict, mse: str = "plain",
+                 extra: Callable | None = None, step_hook: Callable | None = None) -> tuple[Tensor, float, float]:
+        """PMI's `inversion` loop on one input tensor. Returns the kept input (the iterate after the step with
+        the lowest `MSE + base·(BN + prior)`, or the last with `keep_best=false`), that lowest value and the
+        first MSE. Weights: α_mse from 1, α_bn = α_in = `weight`; with `boost`, at a step whose term exceeds its
+        first value, α_mse doubles up to 10, α_bn up to 10·base, α_in up to 5·base. Everything stays on the
+        device: no host read per step."""
+        x = start.detach().clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([x], lr=lr_at(0))
+        device = x.device
+        alpha_mse = torch.ones((), device=device)
+        alpha_bn = torch.full((), float(weight), device=device)
+        alpha_in = torch.full((), float(weight), device=device)
+        zero = torch.zeros((), device=device)
+        first: dict[str, Tensor] = {}
+        best_loss = torch.full((), float("inf"), dtype=torch.float64, device=device)
+        best_x = x.detach().clone()
+        for i in range(steps):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(i)
+            out = forward(x)
+            l_mse = relative_mse(out, target) if mse == "relative" else F.mse_loss(out, target)
+            l_bn = bn.kl() if len(bn) else zero
+            l_in = prior(x) if prior is not None else zero
+            if i == 0:
+                first = {"mse": l_mse.detach(), "bn": l_bn.detach(), "in": l_in.detach()}
+            elif self.boost:
+                alpha_mse = torch.where(l_mse.detach() > first["mse"], (2 * alpha_mse).clamp(max=10.0), alpha_mse)
+                alpha_bn = torch.where(l_bn.detach() > first["bn"], (2 * alpha_bn).clamp(max=10 * base), alpha_bn)
+                alpha_in = torch.where(l_in.detach() > first["in"], (2 * alpha_in).clamp(max=5 * base), alpha_in)
+            loss = alpha_mse * l_mse + alpha_bn * l_bn + alpha_in * l_in
+            if extra is not None:
+                loss = loss + extra(x, out)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            compared = l_mse.detach().double() + base * l_bn.detach().double() + base * l_in.detach().double()
+            better = compared < best_loss
+            best_loss = torch.where(better, compared, best_loss)
+            best_x = torch.where(better, x.detach(), best_x)
+            self.stats.full_model_passes += share
+            progress.update({**tags, "mse": l_mse, "bn": l_bn}, loss)
+            if step_hook is not None:
+                step_hook(x.detach(), i)
+        kept = best_x if self.keep_best else x.detach()
+        return kept, float(best_loss), float(first["mse"]) if first else float("nan")
+
+    def _block_costs_of(self, teacher: nn.Module, blocks: list[nn.Module], device: torch.device):
+        """One FLOP probe per teacher, not per batch (a new teacher drops the old entry)."""
+        costs = getattr(self, "_block_costs", {})
+        if id(teacher) not in costs:
+            probe = torch.zeros(2, *self.image_shape, device=device)
+            costs = {id(teacher): block_costs(blocks, probe)}
+            self._block_costs = costs
+        return costs[id(teacher)]
+
+    def replay(self, teacher: nn.Module, images: Tensor, labels: Tensor) -> BufferReplay:
+        """The pool, sampled without replacement per batch (`ClassWiseContrastiveBuffer.get_data`)."""
+        return BufferReplay(images, labels, replacement=False)
 
     def state_dict(self) -> dict:
-        return {"gaussians": self.gaussians.state_dict()}
+        return {"features": self.features.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         if state:
-            self.gaussians.load_state_dict(state["gaussians"])
+            self.features.load_state_dict(state["features"])

@@ -7,10 +7,12 @@ from torch import Tensor, nn
 
 
 class BufferReplay(nn.Module):
-    """A fixed set of synthetic images (DeepInversion, PMI): random mini-batches from it."""
+    """A fixed set of synthetic images (DeepInversion, PMI): random mini-batches from it, drawn with replacement,
+    or without within a batch (`replacement=False`: PMI's `ClassWiseContrastiveBuffer.get_data`)."""
 
-    def __init__(self, images: Tensor, labels: Tensor) -> None:
+    def __init__(self, images: Tensor, labels: Tensor, replacement: bool = True) -> None:
         super().__init__()
+        self.replacement = replacement
         self.register_buffer("images", images.detach().cpu())
         self.register_buffer("labels", labels.detach().cpu().long())
 
@@ -18,7 +20,10 @@ class BufferReplay(nn.Module):
         return len(self.labels)
 
     def sample(self, n: int) -> tuple[Tensor, Tensor]:
-        index = torch.randint(len(self.labels), (n,), device=self.labels.device)
+        if self.replacement or n > len(self.labels):
+            index = torch.randint(len(self.labels), (n,), device=self.labels.device)
+        else:
+            index = torch.randperm(len(self.labels), device=self.labels.device)[:n]
         return self.images[index], self.labels[index]
 
 

@@ -1,5 +1,6 @@
-"""Feature extractors. Each exposes `feature_dim` and `blocks()`: the ordered stages that a per-layer
-inversion engine walks (`features(x) == pool(blocks applied in order)`)."""
+"""Feature extractors. Each exposes `feature_dim`, `blocks()`: the ordered blocks that a per-layer inversion
+engine walks (`features(x) == pool(blocks applied in order)`; ResNets: the stem and every residual block, as
+PMI's `get_all_blocks`), and `unfreeze_groups()`: the groups PMI's student unfreezes one by one, top first."""
 
 from __future__ import annotations
 
@@ -18,6 +19,13 @@ class Backbone(nn.Module):
 
     def blocks(self) -> list[nn.Module]:
         return [self.stem, *self.stages]
+
+    def unfreeze_groups(self) -> list[list[nn.Module]]:
+        """The backbone in groups, last first, the stem with the first stage (PMI's `get_next_stage`: the
+        `stage_*` attributes in reverse order, `stage_1` bringing `conv_1_3x3` and `bn_1`)."""
+        groups = [[stage] for stage in reversed(self.stages)]
+        groups[-1].append(self.stem)
+        return groups
 
     @property
     def has_batchnorm(self) -> bool:
@@ -119,6 +127,17 @@ class CifarResNet(Backbone):
         self.head_init = {"abd": "kaiming_normal", "cl_lite": "normal_0.001"}.get(variant)
         self._initialise()
 
+    def blocks(self) -> list[nn.Module]:
+        """The stem and every residual block (PMI's `get_all_blocks`: 16 blocks for ResNet-32)."""
+        return [self.stem, *(block for stage in self.stages for block in stage)]
+
+    def unfreeze_groups(self) -> list[list[nn.Module]]:
+        """PMI's four stages of its ResNet-32 (the iCaRL port of cl-lite and PMI, `backbone/resnet_cifar.py`):
+        `stage_4` is the last residual block, `stage_3` the other blocks at 4·width, then the 2·width blocks,
+        then the width blocks with the stem."""
+        last = self.stages[-1]
+        return [[last[-1]], list(last[:-1]), [self.stages[1]], [self.stages[0], self.stem]]
+
     def _initialise(self) -> None:
         if self.variant == "projection":
             return
@@ -153,3 +172,7 @@ class ResNet18(Backbone):
             self.stem = nn.Sequential(conv, net.bn1, net.relu, net.maxpool)
         self.stages = nn.ModuleList([net.layer1, net.layer2, net.layer3, net.layer4])
         self.feature_dim = 512
+
+    def blocks(self) -> list[nn.Module]:
+        """The stem and every residual block."""
+        return [self.stem, *(block for stage in self.stages for block in stage)]
