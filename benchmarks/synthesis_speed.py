@@ -166,11 +166,7 @@ def generator_runner(teacher: nn.Module, steps: int, batch: int, **options: Any)
 def per_layer_runner(teacher: nn.Module, steps: int, batch: int, **options: Any) -> Callable[[], None]:
     engine = PerLayerInversion(layer_steps=0, full_steps=steps, batch_size=batch, progress=False, **options)
     engine.setup(SHAPE, PIXEL_RANGE)
-    from cl_inversion.inversion.features import ClassGaussians
-
     dim = teacher.backbone.feature_dim
-    engine.gaussians = ClassGaussians()
-    engine.gaussians.fit(torch.randn(20 * N_CLASSES, dim), torch.arange(N_CLASSES).repeat(20))
     device = device_of(teacher)
     labels = torch.arange(N_CLASSES, device=device).repeat(batch // N_CLASSES + 1)[:batch]
     start, features = torch.randn(batch, *SHAPE, device=device), torch.randn(batch, dim, device=device)

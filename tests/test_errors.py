@@ -41,7 +41,7 @@ CASES: dict[str, tuple[list[str], list[str], str]] = {
     "added_unknown_key": (["+trainer.max_epoch=2"], ["trainer.max_epoch is not a parameter", "max_epochs"], "cl"),
     "group_value_wrong_type": (["method=lwf", "method.temperature=abc"],
                                ["method.temperature='abc'", "float"], "cl"),
-    "finetune_scope_unknown": (["method=pmi", "method.finetune_scope=backbone"],
+    "finetune_scope_unknown": (["method=rdfcil", "method.finetune_scope=backbone"],
                                ["method.finetune_scope='backbone'", "head, all"], "cl"),
     "resume_with_other_config": (["resume=true", "seed=5"], ["cannot resume", "differs", "seed"], "cl"),
     # pointed at a directory holding only a results.json (a run that failed before its first checkpoint)

@@ -219,7 +219,7 @@ def test_block_inversion_equals_the_reference_loop(boost):
             12, torch.optim.Adam([inputs], lr=lr), None, weight, weight, boost)
         recorder.remove()
         assert torch.allclose(ours, expected, rtol=1e-5, atol=1e-6)
-        assert ours_loss == pytest.approx(expected_loss, rel=1e-5)
+        assert float(ours_loss) == pytest.approx(expected_loss, rel=1e-5)
 
 
 def test_full_model_phase_equals_the_reference_loop():

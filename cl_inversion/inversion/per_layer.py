@@ -279,10 +279,11 @@ class PerLayerInversion(EngineBase):
                         u, loss, first = self.optimise(start, target, forward, bn, prior_loss, self.layer_steps,
                                                        lambda _, lr=lr: lr, w, weight, shares[k], progress,
                                                        {"block": k}, mse=self.block_mse)
-                    if best is None or loss < best[1]:
-                        best = (u, loss, first, (lr, w))
+                    if best is None or float(loss) < best[1]:
+                        best = (u, float(loss), float(first), (lr, w))
                 u, _, first, self.searched[k] = best
-                self.block_losses.insert(0, (first, float(F.mse_loss(forward(u), target))))
+                with torch.no_grad():
+                    self.block_losses.insert(0, (first, float(F.mse_loss(forward(u), target))))
                 target = u
         finally:
             progress.close()
@@ -321,7 +322,7 @@ class PerLayerInversion(EngineBase):
     def optimise(self, start: Tensor, target: Tensor, forward: Callable[[Tensor], Tensor], bn: BatchNormInputs,
                  prior: Callable[[Tensor], Tensor] | None, steps: int, lr_at: Callable[[int], float], weight: float,
                  base: float, share: float, progress: SynthesisProgress, tags: dict, mse: str = "plain",
-                 extra: Callable | None = None, step_hook: Callable | None = None) -> tuple[Tensor, float, float]:
+                 extra: Callable | None = None, step_hook: Callable | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """PMI's `inversion` loop on one input tensor. Returns the kept input (the iterate after the step with
         the lowest `MSE + base·(BN + prior)`, or the last with `keep_best=false`), that lowest value and the
         first MSE. Weights: α_mse from 1, α_bn = α_in = `weight`; with `boost`, at a step whose term exceeds its
@@ -365,7 +366,7 @@ class PerLayerInversion(EngineBase):
             if step_hook is not None:
                 step_hook(x.detach(), i)
         kept = best_x if self.keep_best else x.detach()
-        return kept, float(best_loss), float(first["mse"]) if first else float("nan")
+        return kept, best_loss, first["mse"] if first else torch.full((), float("nan"))
 
     def _block_costs_of(self, teacher: nn.Module, blocks: list[nn.Module], device: torch.device):
         """One FLOP probe per teacher, not per batch (a new teacher drops the old entry)."""

@@ -93,11 +93,6 @@ def test_step_loops_read_the_loss_only_at_log_points(engine):
     else:
         e = PerLayerInversion(layer_steps=0, full_steps=steps, batch_size=16, progress=False, log_every=log_every)
     e.setup((3, 8, 8), PIXEL_RANGE)
-    if engine == "per_layer":
-        from cl_inversion.inversion.features import ClassGaussians
-
-        e.gaussians = ClassGaussians()
-        e.gaussians.fit(torch.randn(40, net.backbone.feature_dim), torch.arange(4).repeat(10))
     with HostReads() as reads:
         if engine == "generator":
             e._fresh_generator(torch.device("cpu"), e.lr)

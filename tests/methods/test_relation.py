@@ -1,4 +1,4 @@
-"""The relation-guided student shared by R-DFCIL and PMI: term weights, RKD, the loss on a tiny batch."""
+"""R-DFCIL's relation-guided student: term weights, RKD, the loss on a tiny batch."""
 
 import functools
 import math
@@ -10,7 +10,7 @@ from helpers import student_at_second_task
 
 from cl_inversion.data import ClassIncrementalScenario, digits
 from cl_inversion.inversion.replay import BufferReplay
-from cl_inversion.methods import PMI, RDFCIL
+from cl_inversion.methods import RDFCIL
 from cl_inversion.methods.relation import angle_relations, rkd_angle
 from cl_inversion.models import IncrementalClassifier, SmallCNN
 
@@ -42,8 +42,8 @@ def test_term_weights_follow_rdfcil():
 
 def test_loss_adds_local_ce_hkd_and_rkd_and_projection_is_trained():
     sc = ClassIncrementalScenario(digits(), n_tasks=5)
-    m = make(PMI)
-    assert m.inversion == "per_layer" and make(RDFCIL).inversion == "rdfcil_generator"
+    m = make(RDFCIL)
+    assert m.inversion == "rdfcil_generator"
     m.begin_task(0, 2, sc.datamodule(0, 8))
     m.end_task(sc.datamodule(0, 8))
     m.begin_task(1, 2, sc.datamodule(1, 8))
@@ -69,7 +69,7 @@ def test_loss_adds_local_ce_hkd_and_rkd_and_projection_is_trained():
 
 @pytest.mark.parametrize("scope", ["head", "all"])
 def test_balancing_phase_is_balanced_softmax_plus_hkd_and_scope_decides_what_learns(scope):
-    m = student_at_second_task(PMI, finetune_loss="balanced_softmax", finetune_scope=scope, finetune_ce_scale=1.0)
+    m = student_at_second_task(RDFCIL, finetune_loss="balanced_softmax", finetune_scope=scope, finetune_ce_scale=1.0)
     assert (m.n_old, m.n_seen) == (4, 6)  # the prior tilts old logits by -log 4, new ones by -log 2
     x, y = torch.randn(6, 1, 8, 8), torch.tensor([4, 5] * 3)
     replay_x, replay_y = torch.randn(6, 1, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1])
@@ -95,7 +95,7 @@ def test_balancing_phase_is_balanced_softmax_plus_hkd_and_scope_decides_what_lea
 def test_balanced_softmax_prior_follows_the_replay_ratio():
     """Ren et al. 2020: logits + log of each class's share of the batch; 6 real (2 new classes), 12 synthetic
     (4 old): an old class holds 3/18 of the batch, a new one 3/18 as well."""
-    m = student_at_second_task(PMI, finetune_loss="balanced_softmax", finetune_ce_scale=1.0, replay_ratio=2.0)
+    m = student_at_second_task(RDFCIL, finetune_loss="balanced_softmax", finetune_ce_scale=1.0, replay_ratio=2.0)
     x, y = torch.randn(6, 1, 8, 8), torch.tensor([4, 5] * 3)
     replay_x, replay_y = torch.randn(12, 1, 8, 8), torch.tensor([0, 1, 2, 3] * 3)
     m.net.eval()
@@ -114,17 +114,16 @@ def test_unknown_balancing_settings_are_rejected_with_the_field_name():
 
 
 def make_with(**kwargs):
-    return PMI(IncrementalClassifier(SmallCNN(1, width=8)), optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+    return RDFCIL(IncrementalClassifier(SmallCNN(1, width=8)), optimizer=functools.partial(torch.optim.SGD, lr=0.1),
                **kwargs)
 
 
 def test_digits_get_the_method_budget_and_it_can_be_turned_off(compose):
-    digits = compose([])  # pmi on digits: conf/method_budget/pmi_digits.yaml
+    digits = compose(["method=rdfcil"])  # conf/method_budget/rdfcil_digits.yaml
     assert (digits.method.finetune_scope, digits.method.finetune_loss) == ("all", "balanced_softmax")
-    assert compose(["method=rdfcil"]).method.rkd_scale == 5.0 and digits.method.rkd_scale == 1.25
-    for overrides in (["~method_budget"], ["dataset=imagefolder"], ["experiment=pmi_cifar100_10t"],
-                      ["experiment=pmi_cifar100_10t", "+smoke=digits"]):
+    assert digits.method.rkd_scale == 5.0
+    for overrides in (["method=rdfcil", "~method_budget"], ["method=rdfcil", "dataset=imagefolder"],
+                      ["experiment=rdfcil_cifar100_10t"], ["experiment=rdfcil_cifar100_10t", "+smoke=digits"]):
         cfg = compose(overrides)
         assert (cfg.method.finetune_scope, cfg.method.finetune_loss, cfg.method.rkd_scale) == ("head", "weighted", 0.5)
-        assert cfg.method.finetune_hkd is False  # PMI's balancing: class-balanced CE alone
-    assert compose(["method=rdfcil", "~method_budget"]).method.finetune_hkd is True  # R-DFCIL's code keeps HKD
+        assert cfg.method.finetune_hkd is True  # R-DFCIL's code keeps HKD
