@@ -326,11 +326,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if fitted is None:
             engine.observe(teacher, train_sample, None, None)
         else:
-            engine.gaussians, engine.selector = fitted.gaussians, fitted.selector
+            engine.features = fitted.features
         return engine, time.perf_counter() - began
 
     torch.manual_seed(1)
-    pmi, feature_model_s = pmi_engine()  # the boundary's Gaussians + selector: reported, not counted
+    pmi, feature_model_s = pmi_engine()  # the boundary's Gaussians + contrastive encoders: reported, not counted
     after_fit = torch.get_rng_state()  # the ablations restart here: the same sampled feature targets
     watch_pmi = Watch(criterion, pmi, every)
     pmi.step_hook = watch_pmi
@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # Data-free distillation: the same fresh student (seed), budget and augmentation for every image set.
     distill_steps = args.distill_steps or setting["distill"][quick]
-    jitter, flip = int(cfg.inversion.pixel.jitter), bool(cfg.inversion.per_layer.flip)
+    jitter, flip = int(cfg.inversion.pixel.jitter), bool(cfg.inversion.pixel.flip)
     distill_settings = {"steps": distill_steps, "batch": 64, "lr": 1e-3, "temperature": 4.0, "jitter": jitter,
                         "flip": flip, "test_images": len(test_y), "optimizer": "adam, cosine",
                         "student": "fresh, the teacher's architecture (seed 0)"}
@@ -415,9 +415,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "speedup_passes": report["pmi"]["speedup_passes"], "speedup_wall": report["pmi"]["speedup_wall"],
         "distillation": {**distill_settings, "real_train_images_accuracy": real_distill, "total_s": distill_s},
         "real_test_batch": real_test,
-        # how far the per-layer chain carries the target back: each block's relative reconstruction error
-        # (first step, last step; image-level block first) and the per-layer image's features vs their targets
-        "pmi_block_relative_errors": pmi.block_losses,
+        # how far the per-layer chain carries the target back: each block's reconstruction MSE (first step, kept
+        # iterate; image-level block first) and the per-layer image's features vs their targets
+        "pmi_block_errors": pmi.block_losses,
         "pmi_start_feature_error": feature_error(teacher, watch_pmi.start_images, pmi.last_targets),
         "from_real_start_feature_error": feature_error(teacher, watch_real.start_images, pmi.last_targets),
         "pmi_per_layer_passes": pmi.stats.full_model_passes - pmi.full_steps,

@@ -237,6 +237,9 @@ class PerLayerInversion(EngineBase):
         device = next(teacher.parameters()).device
         chunks = []
         with frozen_eval(teacher):
+            if not batchnorm_layers(teacher):
+                self.stats.notes.append("teacher has no BatchNorm layer: BN-statistics and BN-prior terms disabled; "
+                                        "the feature targets carry the alignment")
             for start in range(0, n, self.batch_size):
                 f = targets[start : start + self.batch_size].to(device)
                 y = labels[start : start + self.batch_size].to(device)

@@ -81,7 +81,7 @@ def test_inversion_speed_reports_both_engines_and_speedups():
     _check_criterion_and_distillation(result)
     # a student distilled on real training images beats chance by far: the distillation measures something
     assert result["distillation"]["real_train_images_accuracy"] > 50
-    assert 0 < result["pmi_per_layer_passes"] <= 10  # 10 steps per block (digits budget), each at its FLOP share
+    assert 0 < result["pmi_per_layer_passes"] <= 50  # 50 steps per block (PMI's), each at its FLOP share
     assert result["pmi_feature_model_s"] > 0  # the boundary's feature model, timed apart
     real = result["real_test_batch"]  # the same measures on real test images, for scale
     assert 50 < real["teacher_accuracy"] <= 100 and real["bn_distance"] > 0 and real["feature_distance"] > 0
@@ -92,7 +92,8 @@ def test_inversion_speed_reports_both_engines_and_speedups():
     assert result["pmi"]["end"]["passes"] > result["pmi"]["end"]["step"]  # the per-layer passes come on top
     start = result["pmi"]["start"]  # the per-layer image, before the first full-model step
     assert start["step"] == 0 and abs(start["passes"] - result["pmi_per_layer_passes"]) < 1e-6
-    assert len(result["pmi_block_relative_errors"]) == 3  # small CNN: stem + 2 stages
+    assert len(result["pmi_block_errors"]) == 3  # small CNN: stem + 2 stages
+    assert all(best <= first for first, best in result["pmi_block_errors"])
     assert result["pmi_start_feature_error"] > 0 and result["from_real_start_feature_error"] > 0
     assert result["deepinversion"]["end"]["bn_distance"] > 0  # a diagnostic, still reported
 
@@ -106,7 +107,7 @@ def test_inversion_speed_vit_teacher():
     assert result["teacher"] == "vit" and result["backbone"] == "clip_small"
     assert result["teacher_info"]["test_accuracy"] > 30  # trained here from random init (chance: 10 %)
     _check_criterion_and_distillation(result)
-    assert len(result["pmi_block_relative_errors"]) == 6  # stem, 4 residual blocks, pool
+    assert len(result["pmi_block_errors"]) == 6  # stem, 4 residual blocks, pool
     for arm in _arms(result).values():
         assert arm["end"]["bn_distance"] is None  # a ViT has no BN statistics
     assert any("no BatchNorm" in note for note in result["notes"])
