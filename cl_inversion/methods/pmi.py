@@ -25,7 +25,9 @@ with α = log2(n_new/2 + 1), β = √(n_old/n_new): λce' = λce(1+1/α)/β, λf
             labels counted since the task began (counts start at 1), refreshed each finetune epoch.
 `combine`: "product" is the code (⊗ = ×: `rkd_factor * l_rkd * ft_factor * l_ft`), "sum" is R-DFCIL's form
 (⊗ = +). Stage epochs are the scripts' at 200 epochs a task; another `trainer.max_epochs` scales them
-(`scaled_epochs`). The backbone's `unfreeze_groups()` are the stages (ResNet-32: PMI's four); `stage_epochs`
+(`scaled_epochs`); a stage's lr milestones are the code's `int(0.5·e)`, `int(0.75·e)`, except that a milestone
+at 0 — a stage of one epoch, which only a scaled budget makes — is dropped (the code would decay the lr ×0.01
+before the stage's first step). The backbone's `unfreeze_groups()` are the stages (ResNet-32: PMI's four); `stage_epochs`
 lists the head stage, one entry per group, the whole network last — a backbone with fewer groups skips the
 entries before the last, which must then be 0 (the scripts' are).
 """
@@ -124,7 +126,7 @@ class PMI(InversionStudent):
         n_groups = len(self.groups())
         kept = [*range(n_groups), len(self.stage_epochs) - 1]  # entry i: i groups unfrozen; the last: all
         epochs = scaled_epochs([*(self.stage_epochs[i] for i in kept), self.finetune_epochs], total)
-        stages = [Stage(k, e, self.stage_lrs[i], [] if k == 0 else [int(e * 0.5), int(e * 0.75)])
+        stages = [Stage(k, e, self.stage_lrs[i], [] if k == 0 else [m for m in (int(e * 0.5), int(e * 0.75)) if m])
                   for k, (i, e) in enumerate(zip(kept, epochs))]
         stages.append(Stage(-1, epochs[-1], self.finetune_lr))
         return [s for s in stages if s.epochs > 0]
