@@ -96,6 +96,20 @@ def test_ddp_cpu_under_multirun_matches_single_process(tmp_path):
     assert {"task_0/loss", "task_1/kd", "eval/accuracy_task_1", "summary/final_accuracy"} <= set(header)
 
 
+@pytest.mark.slow
+def test_staged_pmi_trains_under_ddp_cpu(tmp_path):
+    """PMI freezes and unfreezes backbone groups mid-task and leaves its RKD projection out of some stages: DDP
+    must find the unused parameters (conf/trainer/ddp_cpu.yaml), and the stage's fresh optimiser must reach the
+    spawned workers."""
+    run_cli("method=pmi", "trainer=ddp_cpu", "scenario.n_tasks=2", "trainer.max_epochs=5", "logger=none",
+            "inversion.per_layer.layer_steps=2", "inversion.per_layer.full_steps=2",
+            "inversion.per_layer.contrastive_epochs=2", "inversion.n_images=40", "trainer.enable_progress_bar=false",
+            run_dir=tmp_path)
+    res = read_results(tmp_path)
+    assert res["status"] == "completed" and res["config"]["trainer"]["devices"] == 2
+    assert res["accuracy_matrix"][1][1] > 50  # the second task is learned through the head / unfrozen stages
+
+
 def test_slurm_launcher_config_matches_trainer_devices(tmp_path):
     """tasks_per_node = gpus_per_node = trainer.devices in the sbatch script (a mismatch hangs Lightning)."""
     code = f"""
