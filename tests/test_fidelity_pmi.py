@@ -210,12 +210,13 @@ def test_block_inversion_equals_the_reference_loop(boost):
         start, prior = block_start(prior_bn, 6, shape, torch.device("cpu"))
         weight, lr = 0.25 * len(blocks) * 20.0, 0.8
         with BatchNormInputs(blocks[k]) as bn:
-            ours, ours_loss, _ = engine.optimise(start, target, forward, bn, prior, 12, lambda _: lr, weight,
+            ours, ours_loss, _ = engine.optimise(start, target, forward, bn, prior, 12, lambda _, lr=lr: lr, weight,
                                                  weight, 1.0, DummyProgress(), {})
         inputs = start.clone().requires_grad_(True)
         recorder = Recorder(blocks[k])
         expected, expected_loss = ref_inversion(
-            inputs, target, forward, recorder, lambda u: ref_modified_bn_kl(u, prior_bn.bias, prior_bn.weight**2),
+            inputs, target, forward, recorder,
+            lambda u, bn=prior_bn: ref_modified_bn_kl(u, bn.bias, bn.weight**2),
             12, torch.optim.Adam([inputs], lr=lr), None, weight, weight, boost)
         recorder.remove()
         assert torch.allclose(ours, expected, rtol=1e-5, atol=1e-6)
@@ -392,3 +393,21 @@ def test_bad_stage_lists_are_refused():
         student_at_second_task(PMI, stage_epochs=[20, 20, 5, 0, 120], stage_lrs=[0.1, 0.05, 0.0, 0.0, 0.01])
     with pytest.raises(ValueError, match="method.combine='mul': choose one of product, sum"):
         student_at_second_task(PMI, combine="mul")
+
+
+def test_crop_fill_mean_pads_with_what_normalising_first_would():
+    """PMI's `seq_cifar100.py` normalises, then crops with 4 zero pixels of padding: the border is the mean colour."""
+    from cl_inversion.data.datasets import crop_fill_values, crop_flip
+
+    mean = (0.5071, 0.4867, 0.4408)
+    image = torch.full((3, 8, 8), 2.0)  # a value no mean takes
+    torch.manual_seed(0)
+    outs = [crop_flip(fill=mean)(image) for _ in range(20)]
+    border = [o[:, (o != 2.0).any(0)] for o in outs]
+    assert any(b.shape[1] for b in border)  # some crops show the padding
+    for b in border:
+        assert torch.allclose(b, torch.tensor(mean).view(3, 1).expand_as(b))
+    zero = crop_flip()(image)
+    assert set(zero.unique().tolist()) <= {0.0, 2.0}
+    with pytest.raises(ValueError, match="dataset.crop_fill='edge': choose one of zero, mean"):
+        crop_fill_values("edge", mean)

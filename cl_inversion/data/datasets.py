@@ -64,17 +64,28 @@ class TensorImageDataset(Dataset):
                                   self.std.flatten().tolist(), self.augment)
 
 
-def crop_flip(padding: int = 4, color_jitter: bool = False) -> Callable[[Tensor], Tensor]:
+CROP_FILLS = ("zero", "mean")
+
+
+def crop_flip(padding: int = 4, color_jitter: bool = False,
+              fill: Sequence[float] | None = None) -> Callable[[Tensor], Tensor]:
     """Random crop with zero padding + horizontal flip: the CIFAR augmentation of R-DFCIL (`datamodule.py`);
     `color_jitter` puts ABD's `ColorJitter(brightness=63/255, contrast=0.8)` first (ABD
-    `dataloaders/utils.py` `get_transform`)."""
+    `dataloaders/utils.py` `get_transform`). `fill` (per-channel pixel values) pads with them instead of 0: the
+    dataset mean is what padding *after* normalisation gives (PMI's `seq_cifar100.py`: Normalize, then
+    RandomCrop(padding=4))."""
     jitter = abd_color_jitter() if color_jitter else None
+    fill_value = None if fill is None else torch.tensor(fill, dtype=torch.float32).view(-1, 1, 1)
 
     def augment(image: Tensor) -> Tensor:
         if jitter is not None and image.shape[0] == 3:
             image = jitter(image)
         _, h, w = image.shape
         padded = torch.nn.functional.pad(image, (padding,) * 4)
+        if fill_value is not None:
+            border = torch.ones_like(image[:1])
+            border = 1 - torch.nn.functional.pad(border, (padding,) * 4)
+            padded = padded + border * fill_value
         top, left = (int(v) for v in torch.randint(0, 2 * padding + 1, (2,)))
         image = padded[:, top : top + h, left : left + w]
         if torch.rand(()) < 0.5:
@@ -148,7 +159,14 @@ def _check_root(root: str | os.PathLike, field: str, how_to_get: str) -> Path:
     return path
 
 
-def _cifar(name: str, root: str, download: bool, augment: bool, color_jitter: bool = False) -> DatasetBundle:
+def crop_fill_values(crop_fill: str, mean: Sequence[float]) -> Sequence[float] | None:
+    if crop_fill not in CROP_FILLS:
+        raise ConfigError(f"dataset.crop_fill={crop_fill!r}: choose one of {', '.join(CROP_FILLS)}")
+    return tuple(mean) if crop_fill == "mean" else None
+
+
+def _cifar(name: str, root: str, download: bool, augment: bool, color_jitter: bool = False,
+           crop_fill: str = "zero") -> DatasetBundle:
     import torchvision
 
     if not download:
@@ -166,9 +184,11 @@ def _cifar(name: str, root: str, download: bool, augment: bool, color_jitter: bo
 
     (xtr, ytr), (xte, yte) = as_tensor(train), as_tensor(test)
     mean, std = (CIFAR_MEAN, CIFAR_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
+    fill = crop_fill_values(crop_fill, mean)
     return DatasetBundle(
         name=name,
-        train=TensorImageDataset(xtr, ytr, mean, std, crop_flip(color_jitter=color_jitter) if augment else None),
+        train=TensorImageDataset(xtr, ytr, mean, std,
+                                 crop_flip(color_jitter=color_jitter, fill=fill) if augment else None),
         test=TensorImageDataset(xte, yte, mean, std),
         class_names=list(train.classes),
         mean=mean,
@@ -177,15 +197,15 @@ def _cifar(name: str, root: str, download: bool, augment: bool, color_jitter: bo
 
 
 def cifar10(root: str = "data", download: bool = False, augment: bool = True,
-            color_jitter: bool = False) -> DatasetBundle:
+            color_jitter: bool = False, crop_fill: str = "zero") -> DatasetBundle:
     """torchvision CIFAR-10 (set `download=true` to fetch it into `root`)."""
-    return _cifar("cifar10", root, download, augment, color_jitter)
+    return _cifar("cifar10", root, download, augment, color_jitter, crop_fill)
 
 
 def cifar100(root: str = "data", download: bool = False, augment: bool = True,
-             color_jitter: bool = False) -> DatasetBundle:
+             color_jitter: bool = False, crop_fill: str = "zero") -> DatasetBundle:
     """torchvision CIFAR-100 (set `download=true` to fetch it into `root`)."""
-    return _cifar("cifar100", root, download, augment, color_jitter)
+    return _cifar("cifar100", root, download, augment, color_jitter, crop_fill)
 
 
 def _folder_files(folder: Path, class_names: list[str]) -> list[tuple[int, Path]]:
@@ -256,6 +276,7 @@ def imagefolder(
     train_per_class: int | None = None,
     subset_seed: int = 0,
     color_jitter: bool = False,
+    crop_fill: str = "zero",
 ) -> DatasetBundle:
     """Any `root/train/<class>/*` + `root/test/<class>/*` tree (CIFAR-10 JPEG copy, Tiny-ImageNet...).
 
@@ -295,9 +316,11 @@ def imagefolder(
         mean = tuple(sample.mean(dim=(0, 2, 3)).tolist())
         std = tuple(sample.std(dim=(0, 2, 3)).tolist())
     mean, std = tuple(mean), tuple(std)
+    fill = crop_fill_values(crop_fill, mean)
     return DatasetBundle(
         name=base.name,
-        train=TensorImageDataset(xtr, ytr, mean, std, crop_flip(color_jitter=color_jitter) if augment else None),
+        train=TensorImageDataset(xtr, ytr, mean, std,
+                                 crop_flip(color_jitter=color_jitter, fill=fill) if augment else None),
         test=TensorImageDataset(xte, yte, mean, std),
         class_names=class_names,
         mean=mean,

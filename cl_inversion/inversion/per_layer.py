@@ -138,7 +138,8 @@ def block_costs(blocks: Sequence[nn.Module], x: Tensor) -> tuple[list[float], li
     return [f / total for f in flops], shapes
 
 
-def block_start(prior: nn.Module | None, n: int, shape: torch.Size, device: torch.device) -> tuple[Tensor, Callable | None]:
+def block_start(prior: nn.Module | None, n: int, shape: torch.Size,
+                device: torch.device) -> tuple[Tensor, Callable | None]:
     """A block's starting input and its prior (`init_layer_input`): N(β, γ²) of the preceding block's last
     BatchNorm (γ as signed in the layer) with KL(u ‖ N(β, γ²)) as prior; N(0, 1) and no prior for the image or
     where no BatchNorm precedes."""

@@ -27,9 +27,9 @@ with α = log2(n_new/2 + 1), β = √(n_old/n_new): λce' = λce(1+1/α)/β, λf
 (⊗ = +). Stage epochs are the scripts' at 200 epochs a task; another `trainer.max_epochs` scales them
 (`scaled_epochs`); a stage's lr milestones are the code's `int(0.5·e)`, `int(0.75·e)`, except that a milestone
 at 0 — a stage of one epoch, which only a scaled budget makes — is dropped (the code would decay the lr ×0.01
-before the stage's first step). The backbone's `unfreeze_groups()` are the stages (ResNet-32: PMI's four); `stage_epochs`
-lists the head stage, one entry per group, the whole network last — a backbone with fewer groups skips the
-entries before the last, which must then be 0 (the scripts' are).
+before the stage's first step). The backbone's `unfreeze_groups()` are the stages (ResNet-32: PMI's four);
+`stage_epochs` lists the head stage, one entry per group, the whole network last — a backbone with fewer groups
+skips the entries before the last, which must then be 0 (the scripts' are).
 """
 
 from __future__ import annotations
