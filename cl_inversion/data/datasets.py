@@ -128,9 +128,12 @@ def abd_color_jitter() -> Callable[[Tensor], Tensor]:
     return ColorJitter(brightness=63 / 255, contrast=0.8)
 
 
-def digits(test_fraction: float = 0.25, split_seed: int = 0, color_jitter: bool = False) -> DatasetBundle:
+def digits(test_fraction: float = 0.25, split_seed: int = 0, color_jitter: bool = False,
+           crop_fill: str = "zero") -> DatasetBundle:
     """scikit-learn's bundled 8x8 digits (1797 images, no download), stratified train/test split.
-    `color_jitter` adds ABD's brightness/contrast jitter to the training images (no crop or flip at 8x8)."""
+    `color_jitter` adds ABD's brightness/contrast jitter to the training images (no crop or flip at 8x8, so
+    `crop_fill` is only checked: a CIFAR preset that sets it composes with `+smoke=digits`)."""
+    crop_fill_values(crop_fill, (0.0,))
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
