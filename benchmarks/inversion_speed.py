@@ -175,7 +175,7 @@ class Watch:
         if (step + 1) % self.every:
             return
         pause = time.perf_counter()
-        q = self.criterion.measure(images)
+        q = self.criterion.measure(images, getattr(self.engine, "last_labels", None))  # PMI draws its own labels
         point = {"step": step + 1, "passes": self.engine.stats.full_model_passes,
                  "wall_s": pause - self.started - self.paused, **q}
         self.curve.append(point)
@@ -350,11 +350,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_rng_state(after_fit)
     from_real, _ = pmi_engine(pmi)
     by_class = {c: (bundle.test.targets == c).nonzero().flatten().tolist() for c in classes}
-    real_init = plain(bundle.test, torch.tensor([by_class[int(c)].pop(0) for c in labels]))
+    real_init = plain(bundle.test, torch.tensor([by_class[int(c)].pop(0) for c in pmi.last_labels]))
+    from_real.last_labels = pmi.last_labels
     watch_real = Watch(criterion, from_real, every)
     from_real.step_hook = watch_real
     with frozen_eval(teacher):
-        from_real_images = from_real.invert_full(teacher, real_init, pmi.last_targets, labels)
+        from_real_images = from_real.invert_full(teacher, real_init, pmi.last_targets, pmi.last_labels)
     say("ablations done")
 
     # Data-free distillation: the same fresh student (seed), budget and augmentation for every image set.
@@ -397,7 +398,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     real_images = reference[real_pick]  # n real training images, class-balanced: distillation's reference
     real_distill = student_accuracy(real_images)
     distill_s = time.perf_counter() - began
-    real_test = criterion.measure(real_init)  # the same figures on real test images, for scale
+    real_test = criterion.measure(real_init, pmi.last_labels)  # the same figures on real test images, for scale
 
     result = {
         "dataset": dataset, "teacher": args.teacher,

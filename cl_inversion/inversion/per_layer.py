@@ -206,7 +206,8 @@ class PerLayerInversion(EngineBase):
                                      selection=selection, rescale=rescale)
         self.observed: tuple[Tensor, Tensor] | None = None
         self.searched: list[tuple[float, float]] | None = None  # per block: (lr, weight) the search chose
-        self.last_targets: Tensor | None = None
+        self.last_targets: Tensor | None = None  # the last synthesis's feature targets and labels
+        self.last_labels: Tensor | None = None
         self.block_losses: list[tuple[float, float]] = []  # per block: (first, best) reconstruction MSE
 
     # --- the feature model ---------------------------------------------------------------------------
@@ -234,7 +235,7 @@ class PerLayerInversion(EngineBase):
         targets, labels = self.features.sample(n, classes)
         if self.observed is not None:
             targets = observed_targets(*self.observed, labels)
-        self.last_targets = targets
+        self.last_targets, self.last_labels = targets, labels
         device = next(teacher.parameters()).device
         chunks = []
         with frozen_eval(teacher):
