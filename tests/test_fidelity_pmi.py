@@ -74,15 +74,17 @@ class RefWarmupScheduler:
         self.epoch += 1
 
 
-def ref_inversion(inputs, target, forward, hooks, input_loss, iters, opt, scheduler, alpha_feat, base, boost=True):
-    """`ClassWiseContrastiveInversion.inversion` (hook_type 'kl', mse_type 'l2', return_best=True)."""
+def ref_inversion(inputs, target, forward, hooks, input_loss, iters, opt, scheduler, alpha_feat, base, boost=True,
+                  extra=None, mse=F.mse_loss):
+    """`ClassWiseContrastiveInversion.inversion` (hook_type 'kl', mse_type 'l2', return_best=True); `extra` and
+    `mse` are our options' additions (None / plain MSE: the reference)."""
     best_loss, best_inputs = None, None
     alpha_mse, alpha_rf, alpha_in = 1.0, alpha_feat, alpha_feat
     init = {}
     for i in range(iters):
         out = forward(inputs)
         l_stat = torch.stack([ref_modified_bn_kl(x, bn.running_mean, bn.running_var) for bn, x in hooks()]).sum()
-        l_mse = F.mse_loss(out, target)
+        l_mse = mse(out, target)
         if i == 0:
             init["mse"], init["stat"] = l_mse.item(), l_stat.item()
         else:
@@ -99,6 +101,8 @@ def ref_inversion(inputs, target, forward, hooks, input_loss, iters, opt, schedu
             elif l_in.item() > init["in"] and boost:
                 alpha_in = min(alpha_in * 2, 5 * base)
             loss = loss + alpha_in * l_in
+        if extra is not None:
+            loss = loss + extra(inputs)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -241,6 +245,51 @@ def test_full_model_phase_equals_the_reference_loop():
                                 0.25, 0.25)
     recorder.remove()
     assert len(recorder.layers) == 31 and torch.allclose(ours, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_options_of_ours_add_ce_and_tv_or_use_the_relative_block_mse():
+    """`ce_weight`/`tv_weight` add CE to the label and NVlabs's TV to the full-model loss; `block_mse=relative`
+    divides a block's MSE by the target's mean square. Off (0 / plain) they are the reference loop above."""
+    from cl_inversion.inversion.common import total_variation_l2
+
+    net = trained_like()
+    engine = PerLayerInversion(full_steps=8, ce_weight=0.5, tv_weight=1e-3, progress=False)
+    torch.manual_seed(4)
+    image = torch.randn(6, 3, 8, 8)
+    with torch.no_grad():
+        target = net.features(torch.randn(6, 3, 8, 8))
+    labels = torch.tensor([0, 1, 2, 3, 0, 1])
+    ours = engine.invert_full(net, image, target, labels)
+    inputs = image.clone().requires_grad_(True)
+    opt = torch.optim.Adam([inputs], lr=0.4)
+    scheduler = RefWarmupScheduler(opt, torch.optim.lr_scheduler.MultiStepLR(opt, [80, 120], 0.5), 5, 0.4)
+    recorder = Recorder(net)
+    last = {}
+
+    def forward(x):
+        last["features"] = net.backbone(x)
+        return last["features"]
+
+    extra = (lambda x: 0.5 * F.cross_entropy(net.head(last["features"]), labels) + 1e-3 * total_variation_l2(x))
+    expected, _ = ref_inversion(inputs, target, forward, recorder, None, 8, opt, scheduler, 0.25, 0.25, extra=extra)
+    recorder.remove()
+    assert torch.allclose(ours, expected, rtol=1e-5, atol=1e-6)
+
+    block = net.backbone.blocks()[4]
+    shape = block_input_shape(net, 4)
+    with torch.no_grad():
+        target = block(torch.randn(5, *shape))
+    start = torch.randn(5, *shape)
+    relative = PerLayerInversion(block_mse="relative", progress=False)
+    with BatchNormInputs(block) as bn:
+        ours, _, _ = relative.optimise(start, target, block, bn, None, 6, lambda _: 0.8, 80.0, 80.0, 1.0,
+                                       DummyProgress(), {}, mse="relative")
+    inputs = start.clone().requires_grad_(True)
+    recorder = Recorder(block)
+    expected, _ = ref_inversion(inputs, target, block, recorder, None, 6, torch.optim.Adam([inputs], lr=0.8), None,
+                                80.0, 80.0, mse=lambda o, t: F.mse_loss(o, t) / (t.pow(2).mean() + 1e-8))
+    recorder.remove()
+    assert torch.allclose(ours, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_layer_wise_inversion_walks_blocks_last_first_with_pmis_weights():
