@@ -22,6 +22,7 @@ BENCHMARKS = {  # name -> arguments
     "loop_overhead": ["--quick"],
     "inversion_speed": ["--quick"],
     "synthesis_speed": ["--quick"],
+    "covariance_memory": ["--quick"],
 }
 
 

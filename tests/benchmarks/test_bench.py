@@ -128,3 +128,21 @@ def test_synthesis_speed_reports_every_engine_and_option_ratio():
         assert engine["ms_per_step"] > 0 and engine["images_per_s"] > 0
         expected = {"before", "bf16-mixed"} | ({"channels_last"} if name != "per_layer" else set())
         assert set(engine["options"]) == expected and all(r > 0 for r in engine["options"].values())
+
+
+def test_covariance_memory_reports_stored_bytes_fit_and_nll_per_width():
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.covariance_memory", "--quick", "--channels", "8", "16"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])["rows"]
+    assert [r["channels"] for r in rows] == [8, 16]
+    for r in rows:
+        c = r["channels"]
+        assert r["laplace_stored_bytes"] == 12 * c and r["dense_stored_bytes"] == 4 * (c + c * c)
+        assert r["laplace_fit_s"] > 0 and r["laplace_nll_ms"] > 0 and r["dense_nll_ms"] > 0
+        assert r["laplace_nll"] == r["laplace_nll"] and r["dense_nll"] == r["dense_nll"]  # finite, not NaN
