@@ -460,3 +460,79 @@ def test_crop_fill_mean_pads_with_what_normalising_first_would():
     assert set(zero.unique().tolist()) <= {0.0, 2.0}
     with pytest.raises(ValueError, match="dataset.crop_fill='edge': choose one of zero, mean"):
         crop_fill_values("edge", mean)
+
+
+# --- REMIX's NLL term in the same loops --------------------------------------------------------------------
+def test_laplace_term_joins_the_loop_as_remix_does():
+    """REMIX `inversion`: `+ alpha_frob · mean over hooks of NLL` in the loss and in the kept loss, not boosted."""
+    from cl_inversion.inversion.covariance import LaplaceCovariance, LaplaceNLL
+
+    net = trained_like()
+    block = net.backbone.blocks()[4]
+    shape = block_input_shape(net, 4)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        target = block(torch.randn(5, *shape))
+    start = torch.randn(5, *shape)
+    layers = [m for m in block.modules() if isinstance(m, nn.BatchNorm2d)]
+    models = [LaplaceCovariance(layer.num_features) for layer in layers]
+    engine = PerLayerInversion(laplace_weight=0.5, progress=False)
+    ours_hooks = [LaplaceNLL(layer, model) for layer, model in zip(layers, models)]
+    with BatchNormInputs(block) as bn:
+        ours, ours_loss, _ = engine.optimise(start, target, block, bn, None, 6, lambda _: 0.8, 80.0, 80.0, 1.0,
+                                             DummyProgress(), {}, laplace=ours_hooks)
+    for hook in ours_hooks:
+        hook.remove()
+    ref_hooks = [LaplaceNLL(layer, model) for layer, model in zip(layers, models)]
+    inputs = start.clone().requires_grad_(True)
+    recorder = Recorder(block)
+    lap = (lambda _: 0.5 * sum(h.nll() for h in ref_hooks) / len(ref_hooks))
+    best, best_loss, init = None, None, {}
+    opt = torch.optim.Adam([inputs], lr=0.8)
+    alpha_mse, alpha_rf = 1.0, 80.0
+    for i in range(6):  # REMIX's loop written out, with the NLL term
+        out = block(inputs)
+        l_stat = torch.stack([ref_modified_bn_kl(x, m.running_mean, m.running_var) for m, x in recorder()]).sum()
+        l_mse = F.mse_loss(out, target)
+        l_lcm = lap(inputs) / 0.5
+        if i == 0:
+            init = {"mse": l_mse.item(), "stat": l_stat.item()}
+        else:
+            alpha_mse = min(alpha_mse * 2, 10) if l_mse.item() > init["mse"] else alpha_mse
+            alpha_rf = min(alpha_rf * 2, 800.0) if l_stat.item() > init["stat"] else alpha_rf
+        loss = alpha_mse * l_mse + alpha_rf * l_stat + 0.5 * l_lcm
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        cmp_loss = l_mse.item() + 80.0 * l_stat.item() + 0.5 * l_lcm.item()
+        if best_loss is None or best_loss > cmp_loss:
+            best_loss, best = cmp_loss, inputs.clone().detach()
+    recorder.remove()
+    assert torch.allclose(ours, best, rtol=1e-5, atol=1e-6) and float(ours_loss) == pytest.approx(best_loss, rel=1e-5)
+
+
+def test_observe_fits_one_laplace_covariance_per_bn_layer_and_checkpoints_it():
+    """REMIX's runner: the streaming covariance of every backbone BN input over the (augmented) real images,
+    its correlation as the first task's target, `fit_lcm_correlation`; the fits survive a state round trip."""
+    from cl_inversion.inversion.covariance import LaplaceCovariance, StreamingCovariance
+
+    net = trained_like()
+    torch.manual_seed(8)
+    real = [(torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1]))]
+    engine = PerLayerInversion(laplace_weight=0.5, laplace_fit_epochs=3, contrastive_epochs=1, progress=False)
+    engine.observe(net, real, None, None)
+    layers = [m for m in net.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(engine.laplace) == len(layers) == 31
+    streams = [StreamingCovariance() for _ in layers]
+    handles = [m.register_forward_hook(lambda mod, i, o, s=s: s.update(i[0])) for m, s in zip(layers, streams)]
+    with torch.no_grad():
+        net.backbone(real[0][0])
+    for h in handles:
+        h.remove()
+    for k in (0, 17, 30):
+        expected = LaplaceCovariance(layers[k].num_features)
+        expected.fit(streams[k].correlation(), epochs=3, lr=0.01)
+        assert torch.allclose(engine.laplace[k].a, expected.a, rtol=1e-5)
+    copy_engine = PerLayerInversion(laplace_weight=0.5, progress=False)
+    copy_engine.load_state_dict(engine.state_dict())
+    assert all(torch.equal(a.w, b.w) for a, b in zip(copy_engine.laplace, engine.laplace))

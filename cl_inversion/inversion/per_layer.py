@@ -21,6 +21,12 @@ In both phases a weight doubles (capped) at every step whose term is above its f
 iterate after the step with the lowest MSE + base-weighted statistics loss is kept (`keep_best`).
 No cross-entropy, no image prior, no jitter or flip; images are not clamped.
 
+`laplace_weight` > 0 is REMIX (pkrukowski1/REMIX-Model-Inversion-via-Laplace-Kernel at f2cb098,
+`resnet32/inversion/class_wise_image_for_contrastive.py`, `continual_runner/task_contrastive_cl_runner.py`): at each
+boundary a Laplace-kernel covariance per BatchNorm layer is fitted to the correlation of the layer's input on the
+real training images (blended with the previous fit by the old/new class shares, `covariance.py`), and both phases
+add `laplace_weight` × the mean over the BN layers in scope of its NLL (not boosted; counted in the kept loss).
+
 Options of ours, reference values by default: `block_mse=relative` (MSE / the target's mean square),
 `ce_weight`/`tv_weight` > 0 (cross-entropy to the label and DeepInversion's TV prior in the full phase),
 `feature_targets=observed` (the observed features instead of Gaussian samples), `search=true` (the
@@ -46,6 +52,7 @@ from cl_inversion.inversion.common import (
     retry_on_nan,
     total_variation_l2,
 )
+from cl_inversion.inversion.covariance import LaplaceCovariance, LaplaceNLL, StreamingCovariance, blended_correlation
 from cl_inversion.inversion.engine import EngineBase
 from cl_inversion.inversion.features import FeatureModel, extract_features
 from cl_inversion.inversion.replay import BufferReplay
@@ -178,8 +185,9 @@ class PerLayerInversion(EngineBase):
                  tv_weight: float = 0.0, feature_targets: str = "gaussian", observe_augmented: bool = True,
                  selection: str = "contrastive", rescale: str = "reference", contrastive_blocks: int = 2,
                  contrastive_lr: float = 1e-2, contrastive_epochs: int = 200, contrastive_tau: float = 1.0,
-                 select_step: int = 40, keep_rate: float = 0.5, precision: str = "32", nan_retries: int = 0,
-                 progress: bool = True, log_every: int = 10) -> None:
+                 select_step: int = 40, keep_rate: float = 0.5, laplace_weight: float = 0.0,
+                 laplace_fit_epochs: int = 200, laplace_fit_lr: float = 0.01, precision: str = "32",
+                 nan_retries: int = 0, progress: bool = True, log_every: int = 10) -> None:
         super().__init__()
         if str(precision) not in PRECISIONS:
             raise ConfigError(f"inversion.per_layer.precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
@@ -204,6 +212,9 @@ class PerLayerInversion(EngineBase):
         self.features = FeatureModel(blocks=contrastive_blocks, lr=contrastive_lr, epochs=contrastive_epochs,
                                      tau=contrastive_tau, select_step=select_step, keep_rate=keep_rate,
                                      selection=selection, rescale=rescale)
+        self.laplace_weight, self.laplace_fit_epochs = laplace_weight, laplace_fit_epochs
+        self.laplace_fit_lr = laplace_fit_lr
+        self.laplace: list[LaplaceCovariance] = []  # REMIX: one per backbone BatchNorm layer, in module order
         self.observed: tuple[Tensor, Tensor] | None = None
         self.searched: list[tuple[float, float]] | None = None  # per block: (lr, weight) the search chose
         self.last_targets: Tensor | None = None  # the last synthesis's feature targets and labels
@@ -215,8 +226,14 @@ class PerLayerInversion(EngineBase):
                 replay_labels: Tensor | None) -> None:
         """The boundary's feature model (`ClassWiseContrastiveBuffer.update_buffer`): Gaussians and contrastive
         encoders of the new classes from their real training features, of the old classes from the previous
-        synthetic pool's features, both through the new teacher."""
-        features, labels = extract_features(teacher, real_batches)
+        synthetic pool's features, both through the new teacher; with `laplace_weight`, REMIX's covariances."""
+        streams, handles = self._observe_covariance(teacher) if self.laplace_weight > 0 else ([], [])
+        try:
+            features, labels = extract_features(teacher, real_batches)
+        finally:
+            for handle in handles:
+                handle.remove()
+        n_new = len(labels.unique())
         if replay_images is not None:
             old = [(replay_images[i : i + 100], replay_labels[i : i + 100]) for i in range(0, len(replay_labels), 100)]
             old_features, old_labels = extract_features(teacher, old)
@@ -224,6 +241,34 @@ class PerLayerInversion(EngineBase):
             features, labels = torch.cat([old_features[keep], features]), torch.cat([old_labels[keep], labels])
         self.features.fit(features, labels)
         self.observed = (features, labels) if self.feature_targets == "observed" else None
+        if streams:
+            self._fit_laplace(streams, len(labels.unique()) - n_new, n_new)
+
+    def _observe_covariance(self, teacher: nn.Module) -> tuple[list[StreamingCovariance], list]:
+        """Streaming covariance of every backbone BatchNorm input over the real images (REMIX's runner hook)."""
+        layers = batchnorm_layers(teacher.backbone)
+        streams = [StreamingCovariance() for _ in layers]
+        handles = [layer.register_forward_hook(lambda m, i, o, s=stream: s.update(i[0]))
+                   for layer, stream in zip(layers, streams)]
+        return streams, handles
+
+    def _fit_laplace(self, streams: list[StreamingCovariance], n_old: int, n_new: int) -> None:
+        """Fit each layer's Laplace covariance to its observed correlation, blended with the previous fit."""
+        if not self.laplace:
+            self.laplace = [LaplaceCovariance(len(stream.mean)) for stream in streams]
+        for model, stream in zip(self.laplace, streams):
+            model.to(stream.mean.device).requires_grad_(True)
+            model.fit(blended_correlation(model, stream.correlation(), n_old, n_new), self.laplace_fit_epochs,
+                      self.laplace_fit_lr)
+            model.eval().requires_grad_(False)
+
+    def laplace_hooks(self, teacher: nn.Module, scope: nn.Module) -> list[LaplaceNLL]:
+        """NLL hooks on the BatchNorm layers of `scope` (a block, or the whole teacher) that have a fitted model."""
+        if not (self.laplace_weight > 0 and self.laplace):
+            return []
+        fitted = dict(zip(map(id, batchnorm_layers(teacher.backbone)), self.laplace))
+        return [LaplaceNLL(layer, fitted[id(layer)].to(layer.running_mean.device)) for layer in batchnorm_layers(scope)
+                if id(layer) in fitted]
 
     # --- synthesis -----------------------------------------------------------------------------------
     def synthesize(self, teacher: nn.Module, classes: Sequence[int], n: int) -> tuple[Tensor, Tensor]:
@@ -280,10 +325,15 @@ class PerLayerInversion(EngineBase):
                 best = None
                 for lr, w in candidates:
                     start, prior_loss = block_start(prior, n, shapes[k], device)
-                    with BatchNormInputs(blocks[k]) as bn:
-                        u, loss, first = self.optimise(start, target, forward, bn, prior_loss, self.layer_steps,
-                                                       lambda _, lr=lr: lr, w, weight, shares[k], progress,
-                                                       {"block": k}, mse=self.block_mse)
+                    laplace = self.laplace_hooks(teacher, blocks[k])
+                    try:
+                        with BatchNormInputs(blocks[k]) as bn:
+                            u, loss, first = self.optimise(start, target, forward, bn, prior_loss, self.layer_steps,
+                                                           lambda _, lr=lr: lr, w, weight, shares[k], progress,
+                                                           {"block": k}, mse=self.block_mse, laplace=laplace)
+                    finally:
+                        for hook in laplace:
+                            hook.remove()
                     if best is None or float(loss) < best[1]:
                         best = (u, float(loss), float(first), (lr, w))
                 u, _, first, self.searched[k] = best
@@ -314,20 +364,24 @@ class PerLayerInversion(EngineBase):
                 ce = F.cross_entropy(teacher.head(features), labels) if self.ce_weight else 0.0
                 tv = total_variation_l2(x) if self.tv_weight else 0.0
                 return self.ce_weight * ce + self.tv_weight * tv
+        laplace = self.laplace_hooks(teacher, teacher)
         try:
             with BatchNormInputs(teacher) as bn:
                 x, _, _ = self.optimise(image, target_features, forward, bn, None, self.full_steps,
                                         lambda k: full_phase_lr(k, lr, self.warmup, self.milestones, self.lr_decay),
                                         self.bn_weight, self.bn_weight, 1.0, progress, {}, extra=extra,
-                                        step_hook=self.step_hook)
+                                        step_hook=self.step_hook, laplace=laplace)
         finally:
             progress.close()
+            for hook in laplace:
+                hook.remove()
         return x
 
     def optimise(self, start: Tensor, target: Tensor, forward: Callable[[Tensor], Tensor], bn: BatchNormInputs,
                  prior: Callable[[Tensor], Tensor] | None, steps: int, lr_at: Callable[[int], float], weight: float,
                  base: float, share: float, progress: SynthesisProgress, tags: dict, mse: str = "plain",
-                 extra: Callable | None = None, step_hook: Callable | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                 extra: Callable | None = None, step_hook: Callable | None = None,
+                 laplace: Sequence[LaplaceNLL] = ()) -> tuple[Tensor, Tensor, Tensor]:
         """PMI's `inversion` loop on one input tensor. Returns the kept input (the iterate after the step with
         the lowest `MSE + base·(BN + prior)`, or the last with `keep_best=false`), that lowest value and the
         first MSE. Weights: α_mse from 1, α_bn = α_in = `weight`; with `boost`, at a step whose term exceeds its
@@ -356,13 +410,15 @@ class PerLayerInversion(EngineBase):
                 alpha_mse = torch.where(l_mse.detach() > first["mse"], (2 * alpha_mse).clamp(max=10.0), alpha_mse)
                 alpha_bn = torch.where(l_bn.detach() > first["bn"], (2 * alpha_bn).clamp(max=10 * base), alpha_bn)
                 alpha_in = torch.where(l_in.detach() > first["in"], (2 * alpha_in).clamp(max=5 * base), alpha_in)
-            loss = alpha_mse * l_mse + alpha_bn * l_bn + alpha_in * l_in
+            l_lap = torch.stack([hook.nll() for hook in laplace]).mean() if laplace else zero
+            loss = alpha_mse * l_mse + alpha_bn * l_bn + self.laplace_weight * l_lap + alpha_in * l_in
             if extra is not None:
                 loss = loss + extra(x, out)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            compared = l_mse.detach().double() + base * l_bn.detach().double() + base * l_in.detach().double()
+            compared = (l_mse.detach().double() + base * l_bn.detach().double()
+                        + self.laplace_weight * l_lap.detach().double() + base * l_in.detach().double())
             better = compared < best_loss
             best_loss = torch.where(better, compared, best_loss)
             best_x = torch.where(better, x.detach(), best_x)
@@ -387,8 +443,13 @@ class PerLayerInversion(EngineBase):
         return BufferReplay(images, labels, replacement=False)
 
     def state_dict(self) -> dict:
-        return {"features": self.features.state_dict()}
+        return {"features": self.features.state_dict(), "laplace": [m.state_dict() for m in self.laplace]}
 
     def load_state_dict(self, state: dict) -> None:
         if state:
             self.features.load_state_dict(state["features"])
+            self.laplace = []
+            for saved in state.get("laplace", []):
+                model = LaplaceCovariance(len(saved["a"]))
+                model.load_state_dict(saved)
+                self.laplace.append(model.eval().requires_grad_(False))
