@@ -34,8 +34,8 @@ STUDENTS = [m for m in options("method") if "inversion" in compose([f"method={m}
 
 
 def test_the_groups_are_the_ones_documented():
-    assert ENGINES == ["generator", "per_layer", "pixel", "rdfcil_generator"]
-    assert STUDENTS == ["abd", "deepinversion", "pmi", "rdfcil"]
+    assert ENGINES == ["generator", "per_layer", "pixel", "rdfcil_generator", "remix"]
+    assert STUDENTS == ["abd", "deepinversion", "pmi", "rdfcil", "remix"]
 
 
 @pytest.mark.parametrize("method", options("method"))
@@ -62,6 +62,14 @@ def test_every_student_pairs_with_every_engine(student, engine):
 def test_a_method_that_does_not_replay_refuses_an_engine(cli, tmp_path):
     bad = cli("method=lwf", "+method.inversion=pixel", run_dir=tmp_path, check=False)
     assert bad.returncode != 0 and "method.inversion" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_remix_engine_is_pmis_but_its_target_and_covariance_weight():
+    cfg = compose(["~budget"])
+    per_layer, remix = dict(cfg.inversion.per_layer), dict(cfg.inversion.remix)
+    assert {k for k in per_layer if per_layer[k] != remix[k]} == {"_target_", "laplace_weight"}
+    assert (remix["laplace_weight"], per_layer["laplace_weight"]) == (0.5, 0.0)
+    assert compose(["method=remix"]).method == {**compose(["method=pmi"]).method, "inversion": "remix"}
 
 
 def test_rdfcil_generator_inherits_abds_generator_but_two_keys():

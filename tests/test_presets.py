@@ -35,6 +35,7 @@ def test_presets_exist():
         for tasks in (5, 10, 20):
             assert f"{method}_cifar100_{tasks}t" in PRESETS
     assert {"pmi_cifar100_10t", "vdfd_cifar100_10t"} <= set(PRESETS)
+    assert {f"{m}_cifar100_{t}t" for m in ("pmi", "remix") for t in (5, 10, 20)} <= set(PRESETS)
 
 
 @pytest.mark.parametrize("name", ALL_PRESETS)
@@ -67,20 +68,23 @@ def test_paper_preset_has_its_split_recipe_and_published_figure(compose, name):
         assert cfg.optimizer.weight_decay == 2e-4 and cfg.dataset.color_jitter is True
         assert cfg.backbone.variant == "abd" and cfg.trainer.precision == "32-true"
         assert "ABD" in published.source and published.final_accuracy is not None
-    if method in ("rdfcil", "pmi"):  # R-DFCIL's recipe (PMI's scripts train with the same values)
+    if method in ("rdfcil", "pmi", "remix"):  # R-DFCIL's recipe (PMI's and REMIX's scripts train with the same values)
         assert cfg.trainer.max_epochs == 200 and list(cfg.scheduler.milestones) == [80, 120]
         assert cfg.optimizer.weight_decay == 5e-4 and cfg.dataset.color_jitter is False
         assert cfg.backbone.variant == "cl_lite"
     if method == "rdfcil":
         assert cfg.method.finetune_fraction == 0.2
-    if method == "pmi":  # RuilinTong/PMI-CFS-DFCL scripts/task_cont_cifar100_{5,10,20}_task.sh
+    if method == "remix":  # REMIX resnet32/scripts/task_cont_cifar100_{5,10,20}_task.sh: PMI's values + alpha_frob
+        assert cfg.inversion.remix.laplace_weight == (0.05 if tasks == 5 else 0.5)
+        assert published.final_accuracy == (45.34 if tasks == 10 else None) and "REMIX" in published.source
+    if method in ("pmi", "remix"):  # RuilinTong/PMI-CFS-DFCL scripts/task_cont_cifar100_{5,10,20}_task.sh
         pool = {5: (6000, 5000), 10: (3000, 2000), 20: (2000, 1000)}[tasks]
         assert (cfg.inversion.n_images, cfg.inversion.n_images_per_task) == pool
         assert cfg.method.ft_scale == (1.0 if tasks == 20 else 1.5)
         assert list(cfg.method.stage_epochs) == [20, 20, 0, 0, 120] and cfg.method.finetune_epochs == 40
         assert list(cfg.method.stage_lrs) == [0.1, 0.05, 0.0, 0.0, 5e-3 if tasks == 5 else 1e-2]
         assert cfg.scenario.class_order[:4] == [23, 8, 11, 7] and len(set(cfg.scenario.class_order)) == 100
-        e = cfg.inversion.per_layer
+        e = cfg.inversion[cfg.method.inversion]
         assert (e.layer_steps, e.layer_lr, e.full_steps, e.lr, e.bn_weight, e.layer_bn_factor, e.batch_size) == \
             (50, 0.8, 160, 0.4, 0.25, 20.0, 4000)
         assert "REMIX" in published.source or published.final_accuracy is None
