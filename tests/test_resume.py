@@ -27,6 +27,9 @@ METHOD_ARGS = {"lwf": ["method=lwf"], "ewc": ["method=ewc", "method.fisher_sampl
                "abd_head_all": ["method=abd", "method.head_classes=all", *SMALL_SYNTHESIS],
                "rdfcil": ["method=rdfcil", *SMALL_SYNTHESIS],
                "pmi": ["method=pmi", *SMALL_SYNTHESIS],
+               "remix": ["method=remix", *SMALL_SYNTHESIS, "inversion.remix.layer_steps=2",  # + its covariances
+                         "inversion.remix.full_steps=3", "inversion.remix.batch_size=32",
+                         "inversion.remix.laplace_fit_epochs=5"],
                "vdfd": ["method=vdfd"]}
 
 
