@@ -25,7 +25,7 @@ bench: install
 	$(PY) -m benchmarks.run_all
 
 lint: install
-	$(PY) -m ruff check cl_inversion tests benchmarks
+	$(PY) -m ruff check cl_inversion tests benchmarks docs/experiments/analysis
 
 clean:
 	rm -rf outputs/ multirun/ lightning_logs/ wandb/

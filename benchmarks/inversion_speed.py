@@ -279,6 +279,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.backbone:
         overrides = [o for o in overrides if not o.startswith("backbone=")] + [f"backbone={args.backbone}"]
     cfg = compose(overrides)
+    # the two engines as the framework builds them for this dataset (conf/inversion/engine + the profile's budget)
+    pixel_cfg = compose([*overrides, "inversion/engine=pixel"]).inversion.pixel
+    per_layer_cfg = compose([*overrides, "inversion/engine=per_layer"]).inversion.per_layer
     bundle = build_dataset(cfg)
     quick = 0 if args.quick else 1
     teacher, teacher_info = train_teacher(cfg, bundle, setting, args.quick)
@@ -305,8 +308,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     test_x, test_y = plain(bundle.test, test_pick), bundle.test.targets[test_pick]
 
     torch.manual_seed(1)
-    # the engines as the framework builds them for this dataset (conf/inversion + conf/budget), same batch
-    di = instantiate(cfg.inversion.pixel, steps=di_steps, batch_size=n, progress=False)
+    # the engines as the framework builds them for this dataset, same batch
+    di = instantiate(pixel_cfg, steps=di_steps, batch_size=n, progress=False)
     di.setup(bundle.image_shape, pixel_range)
     watch_di = Watch(criterion, di, every, keep_all=True)
     di.step_hook = watch_di
@@ -320,7 +323,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def pmi_engine(fitted=None, **overrides):
         """A per-layer engine; its task-boundary feature model fitted (timed) or shared with `fitted`."""
-        engine = instantiate(cfg.inversion.per_layer, batch_size=n, progress=False, **{**pmi_args, **overrides})
+        engine = instantiate(per_layer_cfg, batch_size=n, progress=False, **{**pmi_args, **overrides})
         engine.setup(bundle.image_shape, pixel_range)
         began = time.perf_counter()
         if fitted is None:
@@ -360,7 +363,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # Data-free distillation: the same fresh student (seed), budget and augmentation for every image set.
     distill_steps = args.distill_steps or setting["distill"][quick]
-    jitter, flip = int(cfg.inversion.pixel.jitter), bool(cfg.inversion.pixel.flip)
+    jitter, flip = int(pixel_cfg.jitter), bool(pixel_cfg.flip)
     distill_settings = {"steps": distill_steps, "batch": 64, "lr": 1e-3, "temperature": 4.0, "jitter": jitter,
                         "flip": flip, "test_images": len(test_y), "optimizer": "adam, cosine",
                         "student": "fresh, the teacher's architecture (seed 0)"}

@@ -74,7 +74,7 @@ class Framework:
         from cl_inversion.methods import Finetune
         from cl_inversion.run import build_callbacks, compose
 
-        self.cfg = compose(["trainer.max_epochs=1", *overrides])
+        self.cfg = compose(["method=finetune", "trainer.max_epochs=1", *overrides])
         self.method = Finetune(net, optimizer=partial(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=2e-4))
         self.method.begin_task(0, 0, None)  # the head already has its 100 outputs; task bookkeeping only
         self.method.task_sizes = [N_CLASSES]

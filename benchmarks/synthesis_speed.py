@@ -15,7 +15,7 @@ Arms per engine, interleaved round by round in one process (shared-machine load 
 median of R rounds kept:
 
 * `default`    — the engine as configured by `conf/inversion/default.yaml`;
-* `before`     — the step as it was before the fast path (issue 20): two-pass BN variance
+* `before`     — the step as it was before the fast path: two-pass BN variance
                  (`x.var(unbiased=False)`) and one host read of the loss every step (the old NaN guard),
                  patched into the same engine code; its ratio is before / default;
 * `channels_last`, `bf16-mixed` — the option switched on (pixel and generator; bf16 for per_layer), the
@@ -83,7 +83,7 @@ def two_pass_moments(x: torch.Tensor, shift: torch.Tensor | None = None) -> tupl
 
 @contextlib.contextmanager
 def before_fast_path() -> Iterator[None]:
-    """The engines' step as before issue 20: two-pass variance, the loss read on the host every step."""
+    """The engines' step before the fast path: two-pass variance, the loss read on the host every step."""
     moments, update = common.batch_moments, SynthesisProgress.update
 
     def reading_update(self, terms, loss=None):

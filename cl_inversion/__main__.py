@@ -9,7 +9,13 @@ import hydra
 from omegaconf import DictConfig
 
 from cl_inversion.config import register_configs
-from cl_inversion.entry import REPO_CONFIG_DIR, config_dir, config_dir_missing_message, slurm_missing_message
+from cl_inversion.entry import (
+    REPO_CONFIG_DIR,
+    config_dir,
+    config_dir_missing_message,
+    engine_alias,
+    slurm_missing_message,
+)
 from cl_inversion.errors import user_error
 
 register_configs()
@@ -37,8 +43,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     return results.get("final_accuracy")
 
 
-#: config groups composed automatically (budgets, the smoke add-on, preset bases): not listed by --help
-INTERNAL_GROUPS = ("budget", "method_budget", "smoke", "experiment/base", "method/base", "inversion")
+#: config groups composed automatically (a profile's engine budgets, the smoke add-on, preset bases): not in --help
+INTERNAL_GROUPS = ("budget", "smoke", "experiment/base", "method/base")
 
 
 def help_text(config_dir: str | os.PathLike) -> str:
@@ -67,6 +73,7 @@ def main() -> None:
     if problem is not None:
         print(problem, file=sys.stderr)
         sys.exit(2)
+    sys.argv[1:] = engine_alias(sys.argv[1:])
     if any(arg in ("--help", "-h") for arg in sys.argv[1:]):
         print(help_text(CONFIG_DIR))
         return

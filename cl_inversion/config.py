@@ -40,6 +40,7 @@ class RunConfig:
     optimizer: Any = MISSING
     scheduler: Any = None
     inversion: Any = None
+    profile: str = "published"  # the budget profile (conf/profile/), recorded with the run
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
     seed: int = 0
     resume: bool = False

@@ -82,3 +82,11 @@ def slurm_missing_message(argv: Sequence[str]) -> str | None:
     return (f"cl-inversion: error: hydra/launcher={launcher}: SLURM was not found on this machine "
             f"(no {' or '.join(repr(cmd) for cmd in missing)} on PATH); run the sweep here with "
             "hydra/launcher=local, or submit it from a SLURM login node")
+
+
+ENGINE_ALIAS = re.compile(r"^\+{0,2}method\.inversion=")
+
+
+def engine_alias(overrides: Sequence[str]) -> list[str]:
+    """`method.inversion=<engine>` (the older spelling) is `inversion/engine=<engine>`: the engine is a config group."""
+    return [ENGINE_ALIAS.sub("inversion/engine=", arg) for arg in overrides]

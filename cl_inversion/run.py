@@ -21,12 +21,12 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cl_inversion import logging_utils
 from cl_inversion.data.datasets import DatasetBundle
 from cl_inversion.data.scenario import ClassIncrementalScenario
-from cl_inversion.entry import REPO_CONFIG_DIR, config_dir
+from cl_inversion.entry import REPO_CONFIG_DIR, config_dir, engine_alias
 from cl_inversion.errors import ConfigError, TrainingDiverged
 from cl_inversion.hydra_context import hydra_choices, resolve_run_dir
 from cl_inversion.inversion.callback import ContinualCallback, TaskContext
@@ -69,7 +69,7 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
 
     register_configs()
     with hydra.initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        return hydra.compose("config", overrides=overrides or [], return_hydra_config=False)
+        return hydra.compose("config", overrides=engine_alias(overrides or []), return_hydra_config=False)
 
 
 def build_dataset(cfg: DictConfig) -> DatasetBundle:
@@ -92,26 +92,56 @@ def build_method(cfg: DictConfig) -> ContinualModule:
     return instantiate(cfg.method, net=net, optimizer=instantiate(cfg.optimizer), scheduler=scheduler)
 
 
+def engine_names() -> list[str]:
+    """The synthesis engines of the config tree (conf/inversion/engine/<name>.yaml)."""
+    return sorted(p.stem for p in (Path(CONFIG_DIR) / "inversion" / "engine").glob("*.yaml") if p.stem != "none")
+
+
+def chosen_engine(cfg: DictConfig) -> tuple[str | None, DictConfig | None]:
+    """The synthesis engine the config composed (`inversion/engine=<name>`, at `inversion.<name>`), or none.
+
+    Settings of an engine the run does not use (`++inversion.pixel.steps=5` in a sweep that also runs ABD's
+    generator) are dropped from the config, with a warning; a block that names no engine is refused."""
+    inversion = cfg.get("inversion") or {}
+    blocks = {k: v for k, v in inversion.items() if isinstance(v, DictConfig)}
+    engines = [k for k, v in blocks.items() if "_target_" in v]
+    unknown = sorted(set(blocks) - set(engine_names()))
+    if unknown or len(engines) > 1:
+        chosen = ", ".join(engines) or "none"
+        raise ConfigError(f"inversion.{(unknown or engines)[0]}: not the run's engine ({chosen}); engines: "
+                          f"{', '.join(engine_names())} (choose one with inversion/engine=<name>)")
+    unused = sorted(set(blocks) - set(engines))
+    if unused:
+        log.warning(f"warning: inversion.{', inversion.'.join(unused)} ignored: the run's engine is "
+                    f"{engines[0] if engines else 'none'}")
+        with open_dict(cfg):
+            for name in unused:
+                del cfg.inversion[name]
+    return (engines[0], blocks[engines[0]]) if engines else (None, None)
+
+
 def build_inversion(cfg: DictConfig, method: ContinualModule) -> list[L.Callback]:
-    """The inversion callback for a student that replays synthetic data, running the engine the config
-    names (`method.inversion`: a key of the `inversion` config)."""
+    """The inversion callback for a student that replays synthetic data, running the composed engine."""
+    name, engine = chosen_engine(cfg)
     if not isinstance(method, InversionStudent):
+        if engine is not None:
+            raise ConfigError(f"{type(method).__name__} replays no synthetic images: inversion/engine={name} has no "
+                              "use with it (leave inversion/engine=none)")
         return []
-    name = cfg.method.get("inversion")
-    engines = {k: v for k, v in cfg.inversion.items() if isinstance(v, DictConfig) and "_target_" in v}
-    if name not in engines:
-        raise ConfigError(f"method.inversion={name!r} is not a synthesis engine; choose one of {sorted(engines)}")
+    if engine is None:
+        raise ConfigError(f"{type(method).__name__} replays synthetic images but no engine is chosen: "
+                          "inversion/engine=pixel|generator|rdfcil_generator|per_layer|remix")
     n_images = cfg.inversion.n_images
     if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 1:
         raise ConfigError(f"inversion.n_images={n_images!r} must be an integer >= 1 (synthetic images made "
-                          f"at each task boundary for method.inversion={name})")
+                          f"at each task boundary by engine {name})")
     per_task = cfg.inversion.get("n_images_per_task", 0)
     if isinstance(per_task, bool) or not isinstance(per_task, int) or per_task < 0:
         raise ConfigError(f"inversion.n_images_per_task={per_task!r} must be an integer >= 0 (images added to the "
                           "boundary's synthetic set per task learned)")
     from cl_inversion.inversion import InversionCallback
 
-    return [InversionCallback(instantiate(engines[name]), n_images=cfg.inversion.n_images, grid=cfg.inversion.grid,
+    return [InversionCallback(instantiate(engine), n_images=cfg.inversion.n_images, grid=cfg.inversion.grid,
                               n_images_per_task=per_task)]
 
 
@@ -235,6 +265,9 @@ class TaskLoop:
         cfg = self.cfg
         validate_config(cfg, {"dataset": {k: int for k in LOADER_KEYS}})
         check_budget(cfg)
+        if chosen_engine(cfg)[0] is None:  # no engine: the inversion settings have no use and are not recorded
+            with open_dict(cfg):
+                cfg.pop("inversion", None)
         self.threads, self.threads_source = set_job_threads(cfg.get("threads"))
         self.config = OmegaConf.to_container(cfg, resolve=True)
         L.seed_everything(cfg.seed, verbose=False)
@@ -328,7 +361,8 @@ class TaskLoop:
 
     def announce(self, device: torch.device, resumed: bool) -> None:
         r = self.results
-        log.info(f"{'resuming' if resumed else 'starting'} {r.method} on {r.dataset} ({r.backbone}), seed "
+        log.info(f"{'resuming' if resumed else 'starting'} {r.method} on {r.dataset} ({r.backbone}), profile "
+                 f"{self.cfg.get('profile', 'published')}, seed "
                  f"{self.cfg.seed}, {len(self.scenario)} tasks, {device}, {self.threads} threads "
                  f"({self.threads_source}) | {self.run_dir}")
 

@@ -73,11 +73,16 @@ def test_console_is_one_line_per_event_and_help_lists_what_users_pick(tmp_path):
     # bar in a log (stderr is not a terminal here) and no Lightning line printed twice
     assert len(lines) == 4, lines
     assert "starting finetune on digits" in lines[0] and "seed 0" in lines[0] and "cpu" in lines[0]
+    assert "profile digits_cpu" in lines[0]  # the budget a run gets is on its first line
+    config = read_results(tmp_path)["config"]
+    assert config["profile"] == "digits_cpu" and "inversion" not in config  # no synthesis: no engine settings
     assert "task 1/2" in lines[1] and "task 2/2" in lines[2]
     assert "final accuracy" in lines[-1] and str(tmp_path / "results.json") in lines[-1]
     assert not any("it/s" in line or "GPU available" in line for line in lines)
 
     help_out = run_cli("--help").stdout
     assert "method: abd, deepinversion" in help_out and "hydra/launcher: local, slurm" in help_out
-    for internal in ("budget:", "method_budget:", "smoke:", "experiment/base:"):
+    assert "profile: cifar10_cpu, digits_cpu, published, smoke" in help_out
+    assert "inversion/engine: generator, none, per_layer, pixel, rdfcil_generator, remix" in help_out
+    for internal in ("budget:", "budget/digits_cpu:", "smoke:", "experiment/base:"):
         assert f"\n{internal}" not in help_out

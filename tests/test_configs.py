@@ -13,7 +13,15 @@ from hydra.utils import instantiate
 from cl_inversion.errors import ConfigError, user_error
 from cl_inversion.inversion.callback import InversionCallback
 from cl_inversion.methods.inversion_student import InversionStudent
-from cl_inversion.run import CONFIG_DIR, LOADER_KEYS, build_callbacks, build_dataset, build_method, compose
+from cl_inversion.run import (
+    CONFIG_DIR,
+    LOADER_KEYS,
+    build_callbacks,
+    build_dataset,
+    build_method,
+    chosen_engine,
+    compose,
+)
 from cl_inversion.validate import validate_config
 
 CONF = Path(CONFIG_DIR)
@@ -29,13 +37,16 @@ def composed(*overrides: str):
     return cfg
 
 
-ENGINES = options("inversion/engine")
-STUDENTS = [m for m in options("method") if "inversion" in compose([f"method={m}"]).method]
+ENGINES = [e for e in options("inversion/engine") if e != "none"]
+STUDENTS = [m for m in options("method") if chosen_engine(compose([f"method={m}"]))[0]]
 
 
 def test_the_groups_are_the_ones_documented():
     assert ENGINES == ["generator", "per_layer", "pixel", "rdfcil_generator", "remix"]
     assert STUDENTS == ["abd", "deepinversion", "pmi", "rdfcil", "remix"]
+    assert options("profile") == ["cifar10_cpu", "digits_cpu", "published", "smoke"]
+    for profile in options("profile"):  # every profile budgets every engine (a missing file is an error, not a no-op)
+        assert options(f"budget/{profile}") == sorted([*ENGINES, "none"]), profile
 
 
 @pytest.mark.parametrize("method", options("method"))
@@ -45,8 +56,9 @@ def test_every_method_builds_with_its_callbacks(method):
     callbacks = build_callbacks(cfg, built)
     inversion = [cb for cb in callbacks if isinstance(cb, InversionCallback)]
     if method in STUDENTS:
-        assert isinstance(built, InversionStudent) and built.inversion == cfg.method.inversion
-        assert len(inversion) == 1 and inversion[0].engine.name == cfg.method.inversion.replace("rdfcil_", "")
+        engine = chosen_engine(cfg)[0]
+        assert isinstance(built, InversionStudent)
+        assert len(inversion) == 1 and inversion[0].engine.name == engine.replace("rdfcil_", "")
     else:
         assert not isinstance(built, InversionStudent) and not inversion
 
@@ -60,21 +72,27 @@ def test_every_student_pairs_with_every_engine(student, engine):
 
 
 def test_a_method_that_does_not_replay_refuses_an_engine(cli, tmp_path):
-    bad = cli("method=lwf", "+method.inversion=pixel", run_dir=tmp_path, check=False)
-    assert bad.returncode != 0 and "method.inversion" in bad.stderr and "Traceback" not in bad.stderr
+    bad = cli("method=lwf", "inversion/engine=pixel", run_dir=tmp_path, check=False)
+    assert bad.returncode == 2 and "LwF replays no synthetic images" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def published_engine(name: str) -> dict:
+    return dict(compose(["profile=published", f"inversion/engine={name}"]).inversion[name])
 
 
 def test_remix_engine_is_pmis_but_its_target_and_covariance_weight():
-    cfg = compose(["~budget"])
-    per_layer, remix = dict(cfg.inversion.per_layer), dict(cfg.inversion.remix)
+    per_layer, remix = published_engine("per_layer"), published_engine("remix")
     assert {k for k in per_layer if per_layer[k] != remix[k]} == {"_target_", "laplace_weight"}
     assert (remix["laplace_weight"], per_layer["laplace_weight"]) == (0.5, 0.0)
-    assert compose(["method=remix"]).method == {**compose(["method=pmi"]).method, "inversion": "remix"}
+    assert compose(["method=remix"]).method == compose(["method=pmi"]).method
+    for profile in ("digits_cpu", "cifar10_cpu", "smoke"):  # and the same budget in every profile
+        budgeted = [compose([f"profile={profile}", f"method={m}"]).inversion[e] for m, e in (("pmi", "per_layer"),
+                                                                                             ("remix", "remix"))]
+        assert {k for k in budgeted[0] if budgeted[0][k] != budgeted[1][k]} == {"_target_", "laplace_weight"}
 
 
 def test_rdfcil_generator_inherits_abds_generator_but_two_keys():
-    cfg = compose(["~budget"])
-    generator, rdfcil = dict(cfg.inversion.generator), dict(cfg.inversion.rdfcil_generator)
+    generator, rdfcil = published_engine("generator"), published_engine("rdfcil_generator")
     assert {k for k in generator if generator[k] != rdfcil[k]} == {"steps", "keep_across_tasks"}
     assert (rdfcil["steps"], rdfcil["keep_across_tasks"], generator["steps"]) == (5000, False, 10000)
 

@@ -242,7 +242,7 @@ def test_pixel_bn_term_is_nvlabs_norms_summed_over_layers():
 
 
 def test_pixel_engine_defaults_are_the_cifar_script(compose):
-    cfg = compose(["method=deepinversion", "~budget"])
+    cfg = compose(["method=deepinversion", "profile=published"])
     engine = PixelInversion(**{k: v for k, v in cfg.inversion.pixel.items() if k != "_target_"})
     assert engine.betas == (0.9, 0.999) and engine.lr_schedule == "constant" and engine.lr == 0.05
     assert engine.first_bn_multiplier == 1.0 and engine.flip is False and engine.jitter == 2

@@ -1,5 +1,5 @@
 """On a CUDA machine (skipped elsewhere): the `gpu` trainer preset end to end, every synthesis engine on
-the trainer's GPU (not on the CPU where fit's teardown leaves the module: issue 15, item 11), and
+the trainer's GPU (not on the CPU where fit's teardown leaves the module), and
 bf16-mixed synthesis."""
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from cl_inversion.run import compose, run
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 TINY = ["trainer=gpu", "logger=none", "scenario.n_tasks=2", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
-        "inversion.n_images=40", "inversion.pixel.steps=5", "inversion.generator.steps=5",
-        "inversion.rdfcil_generator.steps=5", "inversion.per_layer.layer_steps=3", "inversion.per_layer.full_steps=3"]
+        "inversion.n_images=40", "++inversion.pixel.steps=5", "++inversion.generator.steps=5",
+        "++inversion.rdfcil_generator.steps=5", "++inversion.per_layer.layer_steps=3",
+        "++inversion.per_layer.full_steps=3"]
 
 
 @pytest.mark.parametrize(("method", "engine", "precision"), [

@@ -22,12 +22,20 @@ TOLERANCE = 1e-6  # percent; the same thread count gives the same arithmetic
 @pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(PINNED["matrices"]))
 def test_accuracy_matrices_match_the_pinned_ones(method, tmp_path):
-    results = run(compose([f"method={method}", *PINNED["overrides"]]), run_dir=tmp_path)
+    results = run(compose(pinned_overrides(method)), run_dir=tmp_path)
     recorded = [PINNED["matrices"][method], *(alt["matrices"][method] for alt in PINNED.get("alternates", [])
                                               if method in alt["matrices"])]
     got = {key: results[key] for key in ("accuracy_matrix", "task_aware_matrix")}
     assert any(all(same(got[key], pinned[key]) for key in got) for pinned in recorded), \
         f"{method}: {got} equals none of the {len(recorded)} pinned sets: {recorded}"
+
+
+def pinned_overrides(method: str) -> list[str]:
+    """The fixture's command for `method`: its common overrides, the method's own (R-DFCIL's digits preset) and
+    the step counts of the engine the method composes."""
+    base = [f"method={method}", *PINNED["method_overrides"].get(method, []), *PINNED["overrides"]]
+    engine = next((k for k, v in compose(base).inversion.items() if hasattr(v, "keys") and "_target_" in v), None)
+    return base + [f"inversion.{engine}.{o}" for o in PINNED["engine_overrides"].get(engine, [])]
 
 
 def same(got: list[list[float]], expected: list[list[float]]) -> bool:

@@ -13,6 +13,7 @@ from helpers import REPO, run_cli
 
 from cl_inversion.data.datasets import imagefolder
 from cl_inversion.errors import ConfigError
+from cl_inversion.run import chosen_engine
 
 EXPERIMENTS = REPO / "conf" / "experiment"
 # presets that reproduce a published row (they pick a method and name their task count); cifar10_cpu is a CPU
@@ -84,7 +85,7 @@ def test_paper_preset_has_its_split_recipe_and_published_figure(compose, name):
         assert list(cfg.method.stage_epochs) == [20, 20, 0, 0, 120] and cfg.method.finetune_epochs == 40
         assert list(cfg.method.stage_lrs) == [0.1, 0.05, 0.0, 0.0, 5e-3 if tasks == 5 else 1e-2]
         assert cfg.scenario.class_order[:4] == [23, 8, 11, 7] and len(set(cfg.scenario.class_order)) == 100
-        e = cfg.inversion[cfg.method.inversion]
+        e = cfg.inversion[chosen_engine(cfg)[0]]
         assert (e.layer_steps, e.layer_lr, e.full_steps, e.lr, e.bn_weight, e.layer_bn_factor, e.batch_size) == \
             (50, 0.8, 160, 0.4, 0.25, 20.0, 4000)
         assert "REMIX" in published.source or published.final_accuracy is None
@@ -92,7 +93,7 @@ def test_paper_preset_has_its_split_recipe_and_published_figure(compose, name):
         assert "R-DFCIL" in published.source and published.final_accuracy is not None
         assert cfg.inversion.rdfcil_generator.steps == 5000
     if method == "deepinversion":  # ABD's DeepInversion row: DeepInversionGenBN, ABD's generator
-        assert cfg.method.inversion == "generator" and cfg.inversion.generator.steps == 10000
+        assert chosen_engine(cfg)[0] == "generator" and cfg.inversion.generator.steps == 10000
     if method == "vdfd":  # XiaorongLi-95/VDFD scripts/vdfd.sh
         assert cfg.dataset.batch_size == 16 and cfg.trainer.max_epochs == 100 and list(cfg.scheduler.milestones) == [50]
         assert cfg.scheduler.gamma == 0.5 and cfg.scenario.shuffle_classes is False
@@ -107,7 +108,7 @@ def test_paper_preset_has_its_split_recipe_and_published_figure(compose, name):
 
 def test_abd_presets_use_published_generator_budget(compose):
     cfg = compose(["experiment=abd_cifar100_10t"])
-    assert cfg.method.inversion == "generator" and cfg.backbone.depth == 32
+    assert chosen_engine(cfg)[0] == "generator" and cfg.backbone.depth == 32 and cfg.profile == "published"
     assert (cfg.inversion.generator.steps, cfg.inversion.generator.batch_size, cfg.inversion.generator.lr) == \
         (10000, 128, 1e-3)
 
@@ -169,6 +170,8 @@ def test_cifar10_cpu_preset_composes_and_runs_on_an_imagefolder(compose, tmp_pat
             "inversion.generator.batch_size=8", run_dir=run_dir)
     res = json.loads((run_dir / "results.json").read_text())
     assert res["status"] == "completed" and res["config"]["experiment_name"] == "cifar10_cpu"
+    assert res["config"]["profile"] == "cifar10_cpu" and list(res["config"]["inversion"]) == [
+        "n_images", "n_images_per_task", "grid", "generator"]  # the profile, and only the engine the run used
     assert res["config"]["dataset"]["image_size"] == 16 and len(res["inversion"]) == 1
 
 

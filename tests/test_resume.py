@@ -15,11 +15,12 @@ from helpers import REPO, cli_env, read_results, run_cli
 
 COMMON = ["dataset=digits", "trainer.max_epochs=2", "trainer.enable_progress_bar=false", "logger=none", "seed=3",
           "+callbacks.probe._target_=tests.probe.StateProbe"]
-SMALL_SYNTHESIS = ["inversion.n_images=64", "inversion.pixel.steps=5", "inversion.pixel.batch_size=32",
-                   "inversion.generator.steps=5", "inversion.generator.batch_size=32",
-                   "inversion.rdfcil_generator.steps=5", "inversion.rdfcil_generator.batch_size=32",
-                   "inversion.per_layer.layer_steps=2", "inversion.per_layer.full_steps=3",
-                   "inversion.per_layer.batch_size=32"]
+# ++: every engine's settings in one list; a run keeps those of its own engine and drops the others
+SMALL_SYNTHESIS = ["inversion.n_images=64", "++inversion.pixel.steps=5", "++inversion.pixel.batch_size=32",
+                   "++inversion.generator.steps=5", "++inversion.generator.batch_size=32",
+                   "++inversion.rdfcil_generator.steps=5", "++inversion.rdfcil_generator.batch_size=32",
+                   "++inversion.per_layer.layer_steps=2", "++inversion.per_layer.full_steps=3",
+                   "++inversion.per_layer.batch_size=32"]
 METHOD_ARGS = {"lwf": ["method=lwf"], "ewc": ["method=ewc", "method.fisher_samples=64"],
                # every method that keeps an engine or extra state across tasks
                "deepinversion": ["method=deepinversion", *SMALL_SYNTHESIS],

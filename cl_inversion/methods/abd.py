@@ -6,7 +6,7 @@ Each step: 128 real new-task images + 128 synthetic images from the generator (l
            over the classes seen so far;
   kd     — importance-weighted feature distillation: ‖W_old·f_cur − W_old·f_prev‖² over old classes, ×0.1.
 
-`head_classes`: "seen" (default, DESIGN.md: the fix of a known bug) or "all", the reference code's form
+`head_classes`: "seen" (default: the fix of a known bug) or "all", the reference code's form
 (GT-RIPL/AlwaysBeDreaming-DFCIL `learners/datafree.py`, `AlwaysBeDreaming.update_model`: `self.model.last`
 is one `nn.Linear` over every class of the dataset, so the head CE — and the first task's CE — also push
 down the rows of classes no task has shown yet, and a new task's classes start from those rows). With
@@ -27,8 +27,6 @@ HEAD_CLASSES = ("seen", "all")
 
 
 class ABD(InversionStudent):
-    default_inversion = "generator"
-
     def __init__(self, *args, kd_weight: float = 0.1, head_classes: str = "seen", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if head_classes not in HEAD_CLASSES:

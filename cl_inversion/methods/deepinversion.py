@@ -19,8 +19,6 @@ from cl_inversion.methods.inversion_student import InversionStudent
 
 
 class DeepInversion(InversionStudent):
-    default_inversion = "pixel"
-
     def __init__(self, *args, temperature: float = 2.0, kd_weight: float = 1.0, t_squared: bool = False,
                  **kwargs) -> None:
         super().__init__(*args, **kwargs)

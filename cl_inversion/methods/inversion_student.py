@@ -1,11 +1,11 @@
 """`InversionStudent`: the base of every method that replays what a synthesis engine made of the previous
 model (DeepInversion, ABD, R-DFCIL, PMI).
 
-It owns the engine choice (`method.inversion`: a key of the `inversion` config — `pixel`, `generator`,
-`rdfcil_generator`, `per_layer`; any engine pairs with any student), the replay the inversion callback hands
-over at each task boundary (`receive_replay`), and the opening every such student shares: until there is a
-replay (the first task), cross-entropy over the classes seen so far. A subclass states `replay_loss` only,
-drawing old-class images with `sample_replay`.
+The engine is the config group `inversion/engine` (a method's YAML defaults choose it; any engine pairs with any
+student: `inversion/engine=pixel|generator|rdfcil_generator|per_layer|remix`). The student owns the replay the
+inversion callback hands over at each task boundary (`receive_replay`), and the opening every such student
+shares: until there is a replay (the first task), cross-entropy over the classes seen so far. A subclass states
+`replay_loss` only, drawing old-class images with `sample_replay`.
 
 `replay_augment` (off in every reference, hence off by default): a random crop (zero padding of 1/8 of the
 image side) and a horizontal flip of each replayed synthetic image, as real CIFAR images get — a fixed buffer
@@ -44,15 +44,12 @@ def crop_flip_batch(x: Tensor, padding: int) -> Tensor:
 
 class InversionStudent(ContinualModule):
     keeps_previous_model = True  # the frozen previous model is the inversion teacher and the distillation target
-    #: the engine a method uses unless `method.inversion` says otherwise
-    default_inversion: str = "pixel"
 
-    def __init__(self, *args: Any, inversion: str | None = None, replay_augment: bool = False,
+    def __init__(self, *args: Any, replay_augment: bool = False,
                  replay_ratio: float = 1.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if not replay_ratio > 0:
             raise ConfigError(f"method.replay_ratio={replay_ratio!r}: must be > 0 (synthetic images per real image)")
-        self.inversion = inversion or self.default_inversion
         self.replay_augment = replay_augment
         self.replay_ratio = replay_ratio
         self.replay: Any = None  # `.sample(n) -> (images, labels)`, from the inversion callback

@@ -5,4 +5,4 @@ from cl_inversion.methods.relation import RelationGuided
 
 
 class RDFCIL(RelationGuided):
-    default_inversion = "rdfcil_generator"
+    """R-DFCIL's student as `RelationGuided` states it; conf/method/rdfcil.yaml pairs it with `rdfcil_generator`."""

@@ -69,7 +69,6 @@ class RelationProjection(nn.Module):
 
 
 class RelationGuided(InversionStudent):
-    default_inversion = "generator"
 
     def __init__(self, *args, ce_scale: float = 0.5, hkd_scale: float = 0.15,
                  rkd_scale: float = 0.5, projection_dim: int | None = None, finetune_fraction: float = 0.2,

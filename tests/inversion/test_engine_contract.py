@@ -78,6 +78,14 @@ def test_the_callback_runs_the_engine_in_order_and_hands_the_replay_to_the_stude
     assert set(m.loss(x, y)) == {"loss", "local_ce", "head_ce", "feature_kd"}  # the replay loss now
 
 
-def test_students_own_the_engine_choice_and_other_methods_have_none():
-    assert student().inversion == "generator"  # ABD's default; the config's method.inversion overrides it
-    assert not hasattr(student(Finetune), "inversion") and not hasattr(student(Finetune), "receive_replay")
+def engines_of(cfg) -> list[str]:
+    return [k for k, v in cfg.inversion.items() if hasattr(v, "keys")]
+
+
+def test_a_method_config_chooses_its_engine_and_only_that_engine_is_composed(compose):
+    assert {m: engines_of(compose([f"method={m}"])) for m in ("abd", "deepinversion", "rdfcil", "pmi", "remix")} == {
+        "abd": ["generator"], "deepinversion": ["pixel"], "rdfcil": ["rdfcil_generator"], "pmi": ["per_layer"],
+        "remix": ["remix"]}
+    assert engines_of(compose(["method=lwf"])) == [] and not hasattr(student(Finetune), "receive_replay")
+    assert engines_of(compose(["method=abd", "inversion/engine=pixel"])) == ["pixel"]
+    assert engines_of(compose(["method=abd", "method.inversion=pixel"])) == ["pixel"]  # the older spelling

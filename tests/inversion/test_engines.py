@@ -224,11 +224,13 @@ def test_frechet_distance_zero_for_same_set_positive_for_shift():
 @pytest.mark.parametrize("method", ["deepinversion", "abd", "pmi"])
 def test_cli_inversion_methods_on_digits(cli, tmp_path, method):
     cli(f"method={method}", "scenario.n_tasks=3", "scenario.first_task_classes=4", "trainer.max_epochs=1",
-        "trainer.enable_progress_bar=false", "inversion.n_images=40", "inversion.pixel.steps=5",
-        "inversion.generator.steps=5", "inversion.per_layer.layer_steps=3", "inversion.per_layer.full_steps=3",
-        run_dir=tmp_path)
+        "trainer.enable_progress_bar=false", "inversion.n_images=40", "++inversion.pixel.steps=5",
+        "++inversion.generator.steps=5", "++inversion.per_layer.layer_steps=3", "++inversion.per_layer.full_steps=3",
+        run_dir=tmp_path)  # ++: a sweep's settings for every engine; the unused engines' are dropped
     res = read_results(tmp_path)
     assert res["status"] == "completed" and len(res["accuracy_matrix"]) == 3
+    engine = {"deepinversion": "pixel", "abd": "generator", "pmi": "per_layer"}[method]
+    assert [k for k, v in res["config"]["inversion"].items() if isinstance(v, dict)] == [engine]  # only its own
     inversion = res["inversion"]
     assert [r["task"] for r in inversion] == [0, 1]  # between tasks, not after the last one
     for record in inversion:
@@ -249,7 +251,10 @@ def test_any_engine_pairs_with_any_student(cli, tmp_path):
         "trainer.enable_progress_bar=false", "inversion.n_images=20", "inversion.generator.steps=3", run_dir=tmp_path)
     assert read_results(tmp_path)["inversion"][0]["engine"] == "generator"
     bad = cli("method=abd", "method.inversion=dreams", run_dir=tmp_path / "bad", check=False)
-    assert bad.returncode != 0 and "method.inversion='dreams'" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode != 0 and "Could not find 'inversion/engine/dreams'" in bad.stderr
+    assert "Available options in 'inversion/engine'" in bad.stderr and "Traceback" not in bad.stderr
+    typo = cli("method=abd", "+inversion.generatr.steps=3", run_dir=tmp_path / "typo", check=False)
+    assert typo.returncode == 2 and "inversion.generatr: not the run's engine (generator)" in typo.stderr
 
 
 def test_per_layer_block_mse_is_checked():

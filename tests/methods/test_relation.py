@@ -43,7 +43,6 @@ def test_term_weights_follow_rdfcil():
 def test_loss_adds_local_ce_hkd_and_rkd_and_projection_is_trained():
     sc = ClassIncrementalScenario(digits(), n_tasks=5)
     m = make(RDFCIL)
-    assert m.inversion == "rdfcil_generator"
     m.begin_task(0, 2, sc.datamodule(0, 8))
     m.end_task(sc.datamodule(0, 8))
     m.begin_task(1, 2, sc.datamodule(1, 8))
@@ -118,11 +117,11 @@ def make_with(**kwargs):
                **kwargs)
 
 
-def test_digits_get_the_method_budget_and_it_can_be_turned_off(compose):
-    digits = compose(["method=rdfcil"])  # conf/method_budget/rdfcil_digits.yaml
+def test_the_digits_tuning_is_a_preset_and_method_rdfcil_is_the_published_student(compose):
+    digits = compose(["experiment=rdfcil_digits"])  # conf/experiment/rdfcil_digits.yaml
     assert (digits.method.finetune_scope, digits.method.finetune_loss) == ("all", "balanced_softmax")
-    assert digits.method.rkd_scale == 5.0
-    for overrides in (["method=rdfcil", "~method_budget"], ["method=rdfcil", "dataset=imagefolder"],
+    assert digits.method.rkd_scale == 5.0 and digits.profile == "digits_cpu"
+    for overrides in (["method=rdfcil"], ["method=rdfcil", "dataset=imagefolder"],
                       ["experiment=rdfcil_cifar100_10t"], ["experiment=rdfcil_cifar100_10t", "+smoke=digits"]):
         cfg = compose(overrides)
         assert (cfg.method.finetune_scope, cfg.method.finetune_loss, cfg.method.rkd_scale) == ("head", "weighted", 0.5)

@@ -2,7 +2,8 @@
 included): train task 1 with the overrides given, evaluate, no synthesis after it. A few minutes instead of a
 whole run; the old classes are task 0's only.
 
-    python docs/analysis/second_task.py <run dir> [--resynthesize] [override ...]   e.g. method.replay_augment=true
+    python docs/experiments/analysis/second_task.py <run dir> [--resynthesize] [override ...]
+    (e.g. method.replay_augment=true)
 
 `--resynthesize`: run the task-0 boundary again with the (overridden) engine settings instead of reusing the
 checkpoint's synthetic set, for engine variants (the synthesis RNG differs from the run's: compare variants

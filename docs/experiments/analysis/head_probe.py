@@ -1,6 +1,6 @@
 """Evaluation-only probe of a run's final checkpoint: retrain only the head on the frozen final features.
 
-    python docs/analysis/head_probe.py <run dir> [<run dir> ...]
+    python docs/experiments/analysis/head_probe.py <run dir> [<run dir> ...]
 
 * `balancing`: what a data-free student has at the end — real training data of the last task and the last
   boundary's synthetic set — class-weighted CE (R-DFCIL's weights), SGD at two learning rates and two lengths
