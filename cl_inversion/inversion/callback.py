@@ -126,7 +126,7 @@ and hands its replay to the student (`method.receive_replay`) for the next task.
                   **self.measure(teacher, self.images, self.labels, context), "notes": self.engine.stats.notes}
         self.history.append(record)
         method.receive_replay(self.engine.replay(teacher, self.images, self.labels))
-        grid_path = self.save_grid(context) if self.grid else None
+        grid_path = self.save_grid(context) if self.grid and getattr(self.engine, "pool_is_pixels", True) else None
         self.log_record(context, record, grid_path)
 
     def n_images_for(self, task: int) -> int:
@@ -136,6 +136,12 @@ and hands its replay to the student (`method.receive_replay`) for the next task.
     @torch.no_grad()
     def measure(self, teacher: nn.Module, images: Tensor, labels: Tensor, context: TaskContext) -> dict[str, Any]:
         device = next(teacher.parameters()).device
+        if not getattr(self.engine, "pool_is_pixels", True):  # a ViT's block inputs: accuracy only
+            with frozen_eval(teacher):
+                logits = torch.cat([teacher.head(self.engine.pool_features(teacher, images[i : i + 256].to(device)))
+                                    .cpu() for i in range(0, len(images), 256)])
+            return {"teacher_accuracy": 100.0 * float((logits.argmax(1) == labels).float().mean()),
+                    "bn_distance": None, "feature_distance": None}
         with frozen_eval(teacher):
             logits = torch.cat([teacher(images[i : i + 256].to(device)).cpu() for i in range(0, len(images), 256)])
             teacher_accuracy = 100.0 * float((logits.argmax(1) == labels).float().mean())
