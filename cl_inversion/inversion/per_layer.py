@@ -223,8 +223,8 @@ class PerLayerInversion(EngineBase):
                  replay_replacement: bool = False) -> None:
         super().__init__()
         if statistics not in STATISTICS or full_schedule not in FULL_SCHEDULES:
-            raise ConfigError(f"inversion.per_layer.statistics={statistics!r} / full_schedule={full_schedule!r}: choose "
-                              f"from {', '.join(STATISTICS)} / {', '.join(FULL_SCHEDULES)}")
+            raise ConfigError(f"inversion.per_layer.statistics={statistics!r} / full_schedule={full_schedule!r}: "
+                              f"choose from {', '.join(STATISTICS)} / {', '.join(FULL_SCHEDULES)}")
         if statistics == "data" and start_block < 1:
             raise ConfigError("inversion.per_layer.start_block must be >= 1 with statistics=data (the reference's "
                               "pixel start block is not ported)")
@@ -355,7 +355,7 @@ class PerLayerInversion(EngineBase):
         device = next(teacher.parameters()).device
         chunks = []
         with frozen_eval(teacher):
-            if not batchnorm_layers(teacher):
+            if not batchnorm_layers(teacher) and self.statistics == "batchnorm":
                 self.stats.notes.append("teacher has no BatchNorm layer: BN-statistics and BN-prior terms disabled; "
                                         "the feature targets carry the alignment")
             step = self.layer_batch if self.statistics == "data" else self.batch_size

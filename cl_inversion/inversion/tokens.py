@@ -48,20 +48,25 @@ def attention_and_mlp(block: nn.Module) -> dict[str, nn.Module]:
 
 
 class Moments:
-    """Running per-index mean and mean square (`InputStatHook.update_stat`: batch means weighted by batch size)."""
+    """Running per-index mean and mean square (`InputStatHook.update_stat`). Each batch's means are weighted by
+    the reference's `inputs.shape[0]`: the images of a patch-embedding batch, but the sequence length of a
+    sequence-first token batch (every token batch weighs the same). `count` (images) weighs boundaries when
+    merging, as the reference's `total_cnt`."""
 
     def __init__(self) -> None:
         self.mean: Tensor | float = 0.0
         self.square: Tensor | float = 0.0
+        self.weight = 0
         self.count = 0
 
     def update(self, x: Tensor) -> None:
         values = x.detach().double().transpose(0, 1).reshape(x.shape[1], -1).cpu()
-        n = x.shape[0]
-        share = n / (self.count + n)
+        w = x.shape[0] if x.dim() == 4 else x.shape[1]
+        share = w / (self.weight + w)
         self.mean = (1 - share) * self.mean + share * values.mean(1)
         self.square = (1 - share) * self.square + share * (values**2).mean(1)
-        self.count += n
+        self.weight += w
+        self.count += x.shape[0]
 
     def merged(self, other: Moments) -> Moments:
         """Pooled by counts (`merge_stats`)."""

@@ -12,5 +12,5 @@ from cl_inversion.methods.rdfcil import RDFCIL
 from cl_inversion.methods.relation import RelationGuided
 from cl_inversion.methods.vdfd import VDFD
 
-__all__ = ["ABD", "ContinualModule", "DeepInversion", "EWC", "Finetune", "Joint", "L2", "LwF", "MoEAdapter", "PMI", "RDFCIL",
-           "RelationGuided", "VDFD"]
+__all__ = ["ABD", "ContinualModule", "DeepInversion", "EWC", "Finetune", "Joint", "L2", "LwF", "MoEAdapter", "PMI",
+           "RDFCIL", "RelationGuided", "VDFD"]

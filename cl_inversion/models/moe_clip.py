@@ -164,7 +164,7 @@ class MoEClipBackbone(Backbone):
             model = open_clip.create_model(model_name, pretrained=weights, precision=precision, cache_dir=cache_dir)
         except (RuntimeError, OSError, ValueError) as err:
             raise ConfigError(f"backbone.model_name={model_name!r} backbone.pretrained={pretrained!r}: could not "
-                              f"build the model: {str(err).strip()[:300]} (offline? pass a local weights file)") from None
+                              f"build the model: {str(err).strip()[:300]} (offline? a local weights file)") from None
         if not hasattr(model, "transformer") or not hasattr(model.visual, "transformer"):
             raise ConfigError(f"backbone.model_name={model_name!r}: experts need open_clip's ViT image and "
                               "transformer text towers")
