@@ -200,6 +200,22 @@ def observed_targets(features: Tensor, feature_labels: Tensor, labels: Tensor) -
     return targets
 
 
+def kept_iterate(best: Tensor, x: Tensor, better: Tensor) -> Tensor:
+    """`x` where `better`, else `best`, on the device; a host read only once the input has grown (CLIP)."""
+    if best.shape == x.shape:
+        return torch.where(better, x, best)
+    return x.clone() if bool(better) else best
+
+
+def check_vit_options(statistics: str, full_schedule: str, start_block: int) -> None:
+    if statistics not in STATISTICS or full_schedule not in FULL_SCHEDULES:
+        raise ConfigError(f"inversion.per_layer.statistics={statistics!r} / full_schedule={full_schedule!r}: "
+                          f"choose from {', '.join(STATISTICS)} / {', '.join(FULL_SCHEDULES)}")
+    if statistics == "data" and start_block < 1:
+        raise ConfigError("inversion.per_layer.start_block must be >= 1 with statistics=data (the reference's "
+                          "pixel start block is not ported)")
+
+
 class PerLayerInversion(EngineBase):
     """Synthesis engine: PMI's per-block inversion initialising a short full-model inversion."""
 
@@ -222,12 +238,7 @@ class PerLayerInversion(EngineBase):
                  stats_source: str = "previous", merge_limit: int | None = 14,
                  replay_replacement: bool = False) -> None:
         super().__init__()
-        if statistics not in STATISTICS or full_schedule not in FULL_SCHEDULES:
-            raise ConfigError(f"inversion.per_layer.statistics={statistics!r} / full_schedule={full_schedule!r}: "
-                              f"choose from {', '.join(STATISTICS)} / {', '.join(FULL_SCHEDULES)}")
-        if statistics == "data" and start_block < 1:
-            raise ConfigError("inversion.per_layer.start_block must be >= 1 with statistics=data (the reference's "
-                              "pixel start block is not ported)")
+        check_vit_options(statistics, full_schedule, start_block)
         self.statistics, self.start_block = statistics, start_block
         self.start_steps = layer_steps if start_steps is None else start_steps
         self.start_lr = layer_lr if start_lr is None else start_lr
@@ -550,9 +561,8 @@ class PerLayerInversion(EngineBase):
         the lowest `MSE + base·(BN + prior)`, or the last with `keep_best=false`), that lowest value and the
         first MSE. Weights: α_mse from 1, α_bn = α_in = `weight`; with `boost`, at a step whose term exceeds its
         first value, α_mse doubles up to 10, α_bn up to 10·base, α_in up to 5·base. Everything stays on the
-        device: no host read per step. CLIP's loop adds: at the steps in `upsample_at` the input doubles in size
-        (bicubic, at most `upsample_cap`) and Adam starts afresh; `tv_weight`·`total_variation_4(x)` joins the
-        loss and the kept loss; `keep_best` overrides the engine's."""
+        device. CLIP's loop adds: at `upsample_at` steps the input doubles (bicubic, ≤ `upsample_cap`), Adam
+        restarts; `tv_weight`·`total_variation_4(x)` joins both losses; `keep_best` overrides the engine's."""
         keep_best = self.keep_best if keep_best is None else keep_best
         x = start.detach().clone().requires_grad_(True)
         optimizer = torch.optim.Adam([x], lr=lr_at(0))
@@ -594,10 +604,7 @@ class PerLayerInversion(EngineBase):
                         + tv_weight * l_tv.detach().double())
             better = compared < best_loss
             best_loss = torch.where(better, compared, best_loss)
-            if best_x.shape == x.shape:
-                best_x = torch.where(better, x.detach(), best_x)
-            elif bool(better):  # the input grew since the kept iterate
-                best_x = x.detach().clone()
+            best_x = kept_iterate(best_x, x.detach(), better)
             self.stats.full_model_passes += share
             progress.update({**tags, "mse": l_mse, "bn": l_bn}, loss)
             if step_hook is not None:
