@@ -4,6 +4,8 @@ random open_clip model (no download)."""
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -318,3 +320,90 @@ def test_pmi_clip_preset_carries_the_reference_config(compose):
         0.002, 1.0, 0.005, 40, 20)
     assert (e.per_class, e.boost_rate, e.select_step, e.keep_rate) == (5, 20, 5, 0.5)
     assert not e.boost and not e.keep_best
+
+
+def reference_rotate_features(pro_a, pro_b, x):
+    """`rotate_features` of `moe_adapter_open_world.py`, verbatim (numpy)."""
+    import numpy as np
+
+    cos_t = np.dot(pro_a, pro_b)
+    theta = np.arccos(cos_t)
+    if np.isclose(theta, 0):
+        return x.copy()
+    v = pro_b - cos_t * pro_a
+    v /= np.linalg.norm(v)
+    xa, xv = np.dot(pro_a, x), np.dot(v, x)
+    x_plane_rot = (cos_t * xa - np.sin(theta) * xv) * pro_a + (np.sin(theta) * xa + cos_t * xv) * v
+    x_ortho = x - xa * pro_a - xv * v
+    return x_plane_rot + x_ortho
+
+
+def reference_prototype_mapping(raw_text_feats, new_texts, raw_cls2stat, per_class, proto_class, shift_factor):
+    """`Learner.prototype_mapping` (proto_map, txt_txt, open_feat_type rand, proto_shift 0), its loops as written."""
+    import numpy as np
+
+    raw_image_feats = {}
+    for lab, text_feat in enumerate(new_texts):
+        text_feat = text_feat[None]
+        cos_sim = torch.sum(raw_text_feats * text_feat, dim=1).numpy()
+        sim_order = np.flip(np.argsort(cos_sim))
+        all_lab_feats = []
+        for prv_ci in range(proto_class):
+            cand_ci = int(sim_order[prv_ci])
+            cls_mean, cls_std = raw_cls2stat[cand_ci]
+            eps = torch.randn(size=[per_class, cls_mean.shape[1]], dtype=torch.float32)
+            cls_feats = F.normalize(eps * cls_std + cls_mean, dim=-1).numpy()
+            old_proto, new_proto = raw_text_feats[cand_ci, :].numpy(), np.squeeze(text_feat.numpy())
+            all_lab_feats.append(np.stack([reference_rotate_features(old_proto, new_proto, cls_feats[j])
+                                           for j in range(per_class)]))
+        sub = np.mean(np.stack(all_lab_feats), axis=0)
+        sub = sub / np.linalg.norm(sub, ord=2, axis=-1, keepdims=True)
+        aug = [(1.0 - shift_factor) * sub[ti] + shift_factor * np.squeeze(text_feat.numpy()) for ti in range(per_class)]
+        raw_image_feats[lab] = np.stack([a / np.linalg.norm(a, 2) for a in aug])
+    return raw_image_feats
+
+
+def test_open_set_projection_equals_the_reference_prototype_mapping():
+    from cl_inversion.inversion.features import ClassGaussians
+    from cl_inversion.inversion.openset import project_open_set, rotate_features
+
+    torch.manual_seed(0)
+    d, n_old = 16, 7
+    old_text, new_text = F.normalize(torch.randn(n_old, d), dim=-1), F.normalize(torch.randn(3, d), dim=-1)
+    feats, labels = torch.randn(70, d) * 2 + 1, torch.arange(n_old).repeat_interleave(10)
+    gaussians = ClassGaussians()
+    gaussians.fit(feats, labels)
+    stats = {c: (gaussians.mean[c][None], gaussians.std[c][None]) for c in range(n_old)}
+    # np.std per class (the code's get_class_wise_distribution)
+    assert torch.allclose(stats[2][1][0], torch.from_numpy(feats[labels == 2].numpy().std(0)), atol=1e-5)
+    torch.manual_seed(1)
+    ours, local = project_open_set(old_text, new_text, gaussians, per_class=4, top_k=3, shift=0.1)
+    torch.manual_seed(1)
+    ref = reference_prototype_mapping(old_text, new_text, stats, per_class=4, proto_class=3, shift_factor=0.1)
+    assert local.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert torch.allclose(ours, torch.from_numpy(np.concatenate([ref[j] for j in range(3)])).float(), atol=1e-5)
+    x = torch.randn(5, d)
+    assert torch.allclose(rotate_features(old_text[0], old_text[0], x), x)  # no angle: unchanged
+    rotated = rotate_features(old_text[0], new_text[0], old_text[:1])
+    assert torch.allclose(rotated[0], new_text[0], atol=1e-5)  # a maps onto b
+    assert torch.allclose(rotate_features(old_text[0], new_text[0], x).norm(dim=1), x.norm(dim=1), atol=1e-5)
+
+
+def test_pmi_clip_openset_preset_learns_the_last_task_without_its_data(cli, tmp_path):
+    cli("experiment=pmi_clip_openset_cifar100", "+smoke=digits", "backbone=moe_clip_tiny", "trainer=cpu",
+        "logger=none", "checkpoint=false", "inversion.vit_per_layer.open_set.per_class=3", run_dir=tmp_path)
+    res = read_results(tmp_path)
+    assert res["status"] == "completed" and len(res["accuracy_matrix"]) == 2
+    boundary, open_set = res["inversion"]
+    assert "open_set" not in boundary and open_set["open_set"] and open_set["task"] == 1
+    assert open_set["n_images"] == 5 * 3  # per_class targets for each of the last task's 5 classes
+
+
+def test_pmi_clip_openset_preset_carries_the_reference_config(compose):
+    """`configs/moe_openset/cf100.yaml`: the open-set keys, and tune_lr 0.1."""
+    cfg = compose(["experiment=pmi_clip_openset_cifar100"])
+    assert cfg.backbone.model_name == "ViT-B-16" and cfg.backbone.pretrained == "openai" and cfg.seed == 1993
+    assert cfg.scenario.n_tasks == 10 and cfg.inversion.vit_per_layer.lr == 0.1
+    o, e = cfg.method.open_set, cfg.inversion.vit_per_layer.open_set
+    assert (o.lr, o.epochs, o.ce_scale, o.hkd_scale, o.tkd_scale, o.ft_scale) == (0.0005, 1, 1.0, 0.0, 0.0, 0.001)
+    assert (e.per_class, e.top_k, e.shift, e.bn_weight, e.input_tv_weight) == (20, 5, 0.1, 0.02, 0.0)

@@ -107,6 +107,8 @@ and hands its replay to the student (`method.receive_replay`) for the next task.
 
     def on_task_end(self, method: Any, context: TaskContext) -> None:
         if method.is_last_task:
+            if getattr(self.engine, "open_set", None) is not None and getattr(method, "open_set_task", False):
+                self.open_set(method, context)
             return
         teacher = self.teacher_of(method).to(context.device)
         self.engine.setup(context.image_shape, context.pixel_range)
@@ -128,6 +130,19 @@ and hands its replay to the student (`method.receive_replay`) for the next task.
         method.receive_replay(self.engine.replay(teacher, self.images, self.labels))
         grid_path = self.save_grid(context) if self.grid and getattr(self.engine, "pool_is_pixels", True) else None
         self.log_record(context, record, grid_path)
+
+    def open_set(self, method: Any, context: TaskContext) -> None:
+        """The last task's classes have no data: the engine makes their block inputs from the seen classes
+        (`synthesize_open_set`) and the method learns them (`train_open_set`) before the evaluation."""
+        teacher = self.teacher_of(method).to(context.device)
+        self.engine.setup(context.image_shape, context.pixel_range)
+        began = time.perf_counter()
+        images, labels = self.engine.synthesize_open_set(teacher, method.n_old, method.n_seen)
+        synthesis_s = time.perf_counter() - began
+        method.train_open_set(images, labels)
+        self.history.append({"task": context.task, "engine": self.engine.name, "open_set": True,
+                             "device": str(context.device), "n_images": len(labels), "wall_s": synthesis_s,
+                             "train_s": time.perf_counter() - began - synthesis_s})
 
     def n_images_for(self, task: int) -> int:
         """Images made at the boundary after `task` (0-based): `n_images + n_images_per_task · (task + 1)`."""

@@ -71,6 +71,7 @@ from cl_inversion.inversion.common import (
 from cl_inversion.inversion.covariance import LaplaceCovariance, LaplaceNLL, StreamingCovariance, blended_correlation
 from cl_inversion.inversion.engine import EngineBase
 from cl_inversion.inversion.features import FeatureModel, extract_features
+from cl_inversion.inversion.openset import OpenSetModel
 from cl_inversion.inversion.replay import BufferReplay
 from cl_inversion.inversion.tokens import (
     StatisticHooks,
@@ -236,8 +237,10 @@ class PerLayerInversion(EngineBase):
                  layer_batch: int | None = None, full_schedule: str = "warmup_multistep", cosine_period: int = 2000,
                  input_tv_weight: float = 0.0, per_class: int = 0, boost_rate: int = 1, refit_old: bool = True,
                  stats_source: str = "previous", merge_limit: int | None = 14,
-                 replay_replacement: bool = False) -> None:
+                 replay_replacement: bool = False, open_set: dict | None = None) -> None:
         super().__init__()
+        #: PMI's open-set step on CLIP (`openset.py`): its options, or None
+        self.open_set = OpenSetModel(**open_set, merge_limit=merge_limit) if open_set else None
         check_vit_options(statistics, full_schedule, start_block)
         self.statistics, self.start_block = statistics, start_block
         self.start_steps = layer_steps if start_steps is None else start_steps
@@ -289,6 +292,8 @@ class PerLayerInversion(EngineBase):
         synthetic pool's features, both through the new teacher; with `laplace_weight`, REMIX's covariances."""
         if self.statistics == "data":
             self._observe_tokens(teacher, real_batches)
+        if self.open_set is not None:
+            self.open_set.observe(teacher.backbone.pretrained_copy(), real_batches, next(teacher.parameters()).device)
         if not self.refit_old:
             replay_images = None
         streams, handles = self._observe_covariance(teacher) if self.laplace_weight > 0 else ([], [])
@@ -375,6 +380,28 @@ class PerLayerInversion(EngineBase):
                 y = labels[start : start + step].to(device)
                 chunks.append(retry_on_nan(lambda lr, _, f=f, y=y: self.invert_batch(teacher, f, y, lr / self.lr),
                                            self.lr, self.nan_retries, self.stats, f"batch {start // step}"))
+        return torch.cat(chunks).cpu(), labels
+
+    def synthesize_open_set(self, teacher: nn.Module, n_old: int, n_seen: int) -> tuple[Tensor, Tensor]:
+        """Block inputs of classes n_old..n_seen, which have no data: `open_set.per_class` projected targets each,
+        inverted through pre-trained CLIP (output normalised) with its own block statistics, `bn_weight` and
+        `input_tv_weight` (`build_outset_inv_data` with `openset_inversion_runner`)."""
+        targets, labels = self.open_set.targets(teacher.head, n_old, n_seen)
+        raw = nn.Module()
+        raw.backbone = teacher.backbone.pretrained_copy()
+        raw.backbone.normalize_output = True
+        device = next(teacher.parameters()).device
+        raw.to(device)
+        self.stats = SynthesisStats()
+        self.block_losses, kept = [], (self.token_stats, self.bn_weight, self.input_tv_weight)
+        self.token_stats, self.bn_weight = self.open_set.tokens, self.open_set.bn_weight
+        self.input_tv_weight = self.open_set.input_tv_weight
+        try:
+            with frozen_eval(raw):
+                chunks = [self.invert_batch(raw, targets[i : i + self.layer_batch].to(device), None)
+                          for i in range(0, len(labels), self.layer_batch)]
+        finally:
+            self.token_stats, self.bn_weight, self.input_tv_weight = kept
         return torch.cat(chunks).cpu(), labels
 
     def invert_batch(self, teacher: nn.Module, target_features: Tensor, labels: Tensor,

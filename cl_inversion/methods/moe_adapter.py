@@ -49,7 +49,7 @@ class MoEAdapter(InversionStudent):
     def __init__(self, *args: Any, template: str = "a bad photo of a {}.", ce_scale: float = 1.0,
                  hkd_scale: float = 0.1, tkd_scale: float = 0.2, ft_scale: float = 0.001, change_factor: bool = True,
                  start_block: int = 1, warmup_steps: int | None = 30, lr: float = 1e-3, weight_decay: float = 0.0,
-                 **kwargs: Any) -> None:
+                 open_set: dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if not isinstance(self.net.backbone, MoEClipBackbone):
             raise ConfigError("method=moe_adapter needs backbone=moe_clip_* (open_clip with experts), got "
@@ -58,9 +58,21 @@ class MoEAdapter(InversionStudent):
         self.scales = {"ce": ce_scale, "hkd": hkd_scale, "tkd": tkd_scale, "ft": ft_scale}
         self.change_factor, self.start_block, self.warmup_steps = change_factor, start_block, warmup_steps
         self.lr, self.weight_decay = lr, weight_decay
+        self.open_set = dict(open_set) if open_set else None
+        self.open_batch_size = 64
 
     def on_task_start(self, datamodule: Any) -> None:
         self.net.head.name_classes(datamodule.task_class_names)
+        self.open_batch_size = getattr(datamodule, "batch_size", self.open_batch_size)
+
+    @property
+    def open_set_task(self) -> bool:
+        """With `open_set`, the last task's classes are learnt without their data (`train_open_set`)."""
+        return self.open_set is not None and self.is_last_task and self.n_old > 0
+
+    def on_train_start(self) -> None:
+        if self.open_set_task:  # its data are not used: the inversion callback's open-set step trains it
+            self.trainer.should_stop = True
 
     def trainable_parameters(self) -> Iterable[nn.Parameter]:
         return [p for name, p in self.net.named_parameters() if is_expert_parameter(name)]
@@ -77,15 +89,17 @@ class MoEAdapter(InversionStudent):
             optimizer, lambda step: warmup_cosine(step, self.warmup_steps, steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
-    def factors(self) -> dict[str, float]:
+    def factors(self, scales: dict[str, float] | None = None) -> dict[str, float]:
         """The code's loss factors: `change_factor` from the second task on, else λce = 1 and the raw λs."""
-        s = self.scales
+        s = scales or self.scales
         if self.change_factor and self.n_old > 0:
             f = pmi_loss_factors(self.n_old, self.n_seen - self.n_old, s["ce"], s["hkd"], s["tkd"], s["ft"])
             return {"ce": f["ce"], "hkd": f["hkd"], "tkd": f["rkd"], "ft": s["ft"]}
         return {"ce": 1.0, "hkd": s["hkd"], "tkd": s["tkd"], "ft": s["ft"]}
 
-    def loss(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    def loss(self, x: Tensor, y: Tensor) -> dict[str, Tensor] | None:
+        if self.open_set_task:
+            return None
         head: PromptHead = self.net.head
         features = self.net.backbone(x)
         text = head.text_features()
@@ -114,3 +128,38 @@ class MoEAdapter(InversionStudent):
         ft_old = F.cross_entropy(scale * student.detach() @ text.T, replay_y)
         ft_new = F.cross_entropy(scale * F.normalize(features.detach().float(), dim=-1) @ text.T, y)
         return {"hkd": hkd, "tkd": tkd, "ft_old": ft_old, "ft_new": ft_new}
+
+    def open_set_loss(self, u: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """`openset_training`'s step on block inputs `u` of classes without data: CE over the new prompts of
+        g(u) (the student from `start_block`, normalised) and the replay terms, weighted by the `open_set` λs."""
+        head: PromptHead = self.net.head
+        features = self.net.backbone.forward_from(self.start_block, u, normalize=True)
+        text = head.text_features()
+        ce = F.cross_entropy(head.logits(features, text[self.n_old :]), y - self.n_old)
+        o = self.open_set
+        f = self.factors({"ce": o["ce_scale"], "hkd": o["hkd_scale"], "tkd": o["tkd_scale"], "ft": o["ft_scale"]})
+        terms = {"ce": ce, **self.replay_terms(u, y, features, text)}
+        total = f["ce"] * ce + f["hkd"] * terms["hkd"] + f["tkd"] * terms["tkd"]
+        return {"loss": total + f["ft"] * (terms["ft_old"] + terms["ft_new"]), **terms}
+
+    def train_open_set(self, pool: Tensor, labels: Tensor) -> None:
+        """`openset_training`: AdamW over the experts (`lr`), `cosine_lr` (`warmup_steps`, over 3 epochs' steps: the code's constant),
+        `epochs` passes over the pool repeated `repeat` times (`RandomDataset`), shuffled, batches of the
+        dataset's `batch_size`, last batch kept."""
+        o, device = self.open_set, next(self.net.parameters()).device
+        optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=o["lr"], weight_decay=self.weight_decay)
+        size = len(labels) * o["repeat"]
+        n_batches = math.ceil(size / self.open_batch_size)
+        self.net.train()
+        for epoch in range(o["epochs"]):
+            order = torch.randperm(size) % len(labels)
+            for i in range(n_batches):
+                factor = warmup_cosine(n_batches * epoch + i, o["warmup_steps"], 3 * n_batches)
+                for group in optimizer.param_groups:
+                    group["lr"] = o["lr"] * factor
+                idx = order[i * self.open_batch_size : (i + 1) * self.open_batch_size]
+                terms = self.open_set_loss(pool[idx].to(device), labels[idx].to(device))
+                optimizer.zero_grad()
+                terms["loss"].backward()
+                optimizer.step()
+        self.net.eval()

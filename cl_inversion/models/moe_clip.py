@@ -216,7 +216,11 @@ class MoEClipBackbone(Backbone):
             x = x.expand(-1, 3, -1, -1)
         return ((x - self.clip_mean) / self.clip_std).to(self.visual.conv1.weight.dtype)
 
-    def blocks(self, normalize: bool = False) -> list[nn.Module]:
+    #: the last block's output L2-normalised when `blocks()` is not told (an inversion runner's `normalize`)
+    normalize_output: bool = False
+
+    def blocks(self, normalize: bool | None = None) -> list[nn.Module]:
+        normalize = self.normalize_output if normalize is None else normalize
         return [PatchEmbedding(self), TokenEmbedding(self.visual), *self.visual.transformer.resblocks,
                 ClassTokenPool(self.visual, normalize)]
 
