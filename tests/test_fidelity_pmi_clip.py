@@ -5,7 +5,6 @@ random open_clip model (no download)."""
 import math
 
 import numpy as np
-
 import pytest
 import torch
 import torch.nn.functional as F
