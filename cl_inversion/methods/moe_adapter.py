@@ -144,8 +144,8 @@ class MoEAdapter(InversionStudent):
 
     def train_open_set(self, pool: Tensor, labels: Tensor) -> None:
         """`openset_training`: AdamW over the experts (`lr`), `cosine_lr` (`warmup_steps`, over 3 epochs' steps:
-        the code's constant), `epochs` passes over the pool repeated `repeat` times (`RandomDataset`), shuffled, batches of the
-        dataset's `batch_size`, last batch kept."""
+        the code's constant), `epochs` passes over the pool repeated `repeat` times (`RandomDataset`), shuffled,
+        batches of the dataset's `batch_size`, last batch kept."""
         o, device = self.open_set, next(self.net.parameters()).device
         optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=o["lr"], weight_decay=self.weight_decay)
         size = len(labels) * o["repeat"]
