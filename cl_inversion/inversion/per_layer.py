@@ -82,6 +82,7 @@ from cl_inversion.inversion.tokens import (
     total_variation_4,
     upsample,
 )
+from cl_inversion.models.moe_clip import is_expert_parameter
 from cl_inversion.nn_utils import batchnorm_layers
 
 HINT = "lower inversion.per_layer.lr / layer_lr or set inversion.per_layer.nan_retries"
@@ -252,6 +253,7 @@ class PerLayerInversion(EngineBase):
         self.stats_source, self.replay_replacement = stats_source, replay_replacement
         self.token_stats = TokenStatistics(merge_limit)
         self.stats_backbone: nn.Module | None = None  # the model the next boundary's data statistics go through
+        self._stats_experts: dict[str, Tensor] | None = None  # its expert weights from a checkpoint
         if str(precision) not in PRECISIONS:
             raise ConfigError(f"inversion.per_layer.precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
         if layer_steps < 0 or full_steps < 0:
@@ -319,6 +321,9 @@ class PerLayerInversion(EngineBase):
         source = teacher.backbone
         if self.stats_source == "previous":
             initial = getattr(teacher.backbone, "pretrained_copy", None)
+            if self.stats_backbone is None and self._stats_experts is not None:  # resumed: rebuild it
+                self.stats_backbone = initial().eval().requires_grad_(False)
+                self.stats_backbone.load_state_dict(self._stats_experts, strict=False)
             source = self.stats_backbone or (initial() if initial else teacher.backbone)
         device = next(teacher.parameters()).device
         with frozen_eval(source):
@@ -653,13 +658,22 @@ class PerLayerInversion(EngineBase):
         return BufferReplay(images, labels, replacement=self.replay_replacement)
 
     def state_dict(self) -> dict:
+        """Feature model, covariances, block statistics, the open-set model, and the statistics model's experts
+        (its only weights that differ from the teacher's architecture as built; rebuilt on first use)."""
+        stats_model = self.stats_backbone
+        experts = ({k: v.clone() for k, v in stats_model.state_dict().items() if is_expert_parameter(k)}
+                   if stats_model is not None else self._stats_experts)
         return {"features": self.features.state_dict(), "laplace": [m.state_dict() for m in self.laplace],
-                "tokens": self.token_stats.state_dict()}
+                "tokens": self.token_stats.state_dict(), "stats_experts": experts,
+                "open_set": self.open_set.state_dict() if self.open_set is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         if state:
             self.features.load_state_dict(state["features"])
             self.token_stats.load_state_dict(state.get("tokens", {}))
+            self.stats_backbone, self._stats_experts = None, state.get("stats_experts")
+            if self.open_set is not None and state.get("open_set"):
+                self.open_set.load_state_dict(state["open_set"])
             self.laplace = []
             for saved in state.get("laplace", []):
                 model = LaplaceCovariance(len(saved["a"]))

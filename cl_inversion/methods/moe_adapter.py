@@ -65,6 +65,13 @@ class MoEAdapter(InversionStudent):
         self.net.head.name_classes(datamodule.task_class_names)
         self.open_batch_size = getattr(datamodule, "batch_size", self.open_batch_size)
 
+    def extra_state(self) -> dict[str, Any]:
+        """The prompts of the classes seen (the head's text, which the weights do not hold)."""
+        return {"prompts": list(self.net.head.prompts)}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.net.head.prompts = list(state["prompts"])
+
     @property
     def open_set_task(self) -> bool:
         """With `open_set`, the last task's classes are learnt without their data (`train_open_set`)."""
