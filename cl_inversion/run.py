@@ -130,7 +130,7 @@ def build_inversion(cfg: DictConfig, method: ContinualModule) -> list[L.Callback
         return []
     if engine is None:
         raise ConfigError(f"{type(method).__name__} replays synthetic images but no engine is chosen: "
-                          "inversion/engine=pixel|generator|rdfcil_generator|per_layer|remix")
+                          "inversion/engine=" + "|".join(engine_names()))
     n_images = cfg.inversion.n_images
     if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 1:
         raise ConfigError(f"inversion.n_images={n_images!r} must be an integer >= 1 (synthetic images made "

@@ -42,23 +42,28 @@ STUDENTS = [m for m in options("method") if chosen_engine(compose([f"method={m}"
 
 
 def test_the_groups_are_the_ones_documented():
-    assert ENGINES == ["generator", "per_layer", "pixel", "rdfcil_generator", "remix"]
-    assert STUDENTS == ["abd", "deepinversion", "pmi", "rdfcil", "remix"]
+    assert ENGINES == ["generator", "per_layer", "pixel", "rdfcil_generator", "remix", "vit_per_layer"]
+    assert STUDENTS == ["abd", "deepinversion", "moe_adapter", "pmi", "rdfcil", "remix"]
     assert options("profile") == ["cifar10_cpu", "digits_cpu", "published", "smoke"]
     for profile in options("profile"):  # every profile budgets every engine (a missing file is an error, not a no-op)
         assert options(f"budget/{profile}") == sorted([*ENGINES, "none"]), profile
 
 
+def backbone_for(method: str) -> list[str]:
+    """The CLIP learner needs open_clip with experts; every other method runs on the default backbone."""
+    return ["backbone=moe_clip_tiny"] if method == "moe_adapter" else []
+
+
 @pytest.mark.parametrize("method", options("method"))
 def test_every_method_builds_with_its_callbacks(method):
-    cfg = composed(f"method={method}")
+    cfg = composed(f"method={method}", *backbone_for(method))
     built = build_method(cfg)
     callbacks = build_callbacks(cfg, built)
     inversion = [cb for cb in callbacks if isinstance(cb, InversionCallback)]
     if method in STUDENTS:
         engine = chosen_engine(cfg)[0]
         assert isinstance(built, InversionStudent)
-        assert len(inversion) == 1 and inversion[0].engine.name == engine.replace("rdfcil_", "")
+        assert len(inversion) == 1 and inversion[0].engine.name == engine.replace("rdfcil_", "").replace("vit_", "")
     else:
         assert not isinstance(built, InversionStudent) and not inversion
 
@@ -66,7 +71,7 @@ def test_every_method_builds_with_its_callbacks(method):
 @pytest.mark.parametrize("student", STUDENTS)
 @pytest.mark.parametrize("engine", ENGINES)
 def test_every_student_pairs_with_every_engine(student, engine):
-    cfg = composed(f"method={student}", f"method.inversion={engine}")
+    cfg = composed(f"method={student}", f"method.inversion={engine}", *backbone_for(student))
     [callback] = [cb for cb in build_callbacks(cfg, build_method(cfg)) if isinstance(cb, InversionCallback)]
     assert type(callback.engine).__name__ == cfg.inversion[engine]._target_.rsplit(".", 1)[1]
 
@@ -99,11 +104,12 @@ def test_rdfcil_generator_inherits_abds_generator_but_two_keys():
 
 @pytest.mark.parametrize("backbone", options("backbone"))
 def test_every_backbone_instantiates_and_gives_features(backbone):
-    overrides = [f"backbone={backbone}"] + (["backbone.pretrained=null"] if backbone.startswith("clip") else [])
+    clip = backbone.startswith(("clip", "moe_clip"))
+    overrides = [f"backbone={backbone}"] + (["backbone.pretrained=null"] if clip else [])
     cfg = composed(*overrides, "dataset=digits")
     net = instantiate(cfg.backbone)
-    size = 32 if backbone in ("resnet32", "resnet18") or backbone.startswith("clip") else 8
-    channels = 1 if not backbone.startswith("clip") else 3
+    size = 32 if backbone in ("resnet32", "resnet18") or clip else 8
+    channels = 1 if not clip else 3
     if backbone in ("resnet32", "resnet18"):
         channels = cfg.backbone.get("in_channels", 1)
     with torch.no_grad():

@@ -18,8 +18,10 @@ from cl_inversion.run import chosen_engine
 EXPERIMENTS = REPO / "conf" / "experiment"
 # presets that reproduce a published row (they pick a method and name their task count); cifar10_cpu is a CPU
 # budget and cifar10_cpu_reference the reference ABD run at that budget, both tested below
+# (the CLIP learner's preset has its own recipe and no published figure verified here: tests/test_fidelity_pmi_clip.py)
 PRESETS = sorted(p.stem for p in EXPERIMENTS.glob("*.yaml")
-                 if "override /method:" in p.read_text() and re.search(r"_\d+t$", p.stem))
+                 if "override /method:" in p.read_text() and re.search(r"_\d+t$", p.stem)
+                 and "moe_clip" not in p.read_text())
 
 
 def preset_method(name: str) -> str:

@@ -31,7 +31,13 @@ METHOD_ARGS = {"lwf": ["method=lwf"], "ewc": ["method=ewc", "method.fisher_sampl
                "remix": ["method=remix", *SMALL_SYNTHESIS, "inversion.remix.layer_steps=2",  # + its covariances
                          "inversion.remix.full_steps=3", "inversion.remix.batch_size=32",
                          "inversion.remix.laplace_fit_epochs=5"],
-               "vdfd": ["method=vdfd"]}
+               "vdfd": ["method=vdfd"],
+               # prompts, block statistics and the statistics model (the tiny random open_clip model)
+               "moe_adapter": ["method=moe_adapter", "backbone=moe_clip_tiny", "inversion.vit_per_layer.layer_steps=2",
+                               "inversion.vit_per_layer.start_steps=3", "inversion.vit_per_layer.start_upsample=[1,2]",
+                               "inversion.vit_per_layer.full_steps=2", "inversion.vit_per_layer.per_class=2",
+                               "inversion.vit_per_layer.boost_rate=2", "inversion.vit_per_layer.contrastive_epochs=2",
+                               "inversion.vit_per_layer.progress=false"]}
 
 
 def env(**extra: str) -> dict[str, str]:

@@ -107,6 +107,8 @@ and hands its replay to the student (`method.receive_replay`) for the next task.
 
     def on_task_end(self, method: Any, context: TaskContext) -> None:
         if method.is_last_task:
+            if getattr(self.engine, "open_set", None) is not None and getattr(method, "open_set_task", False):
+                self.open_set(method, context)
             return
         teacher = self.teacher_of(method).to(context.device)
         self.engine.setup(context.image_shape, context.pixel_range)
@@ -126,8 +128,21 @@ and hands its replay to the student (`method.receive_replay`) for the next task.
                   **self.measure(teacher, self.images, self.labels, context), "notes": self.engine.stats.notes}
         self.history.append(record)
         method.receive_replay(self.engine.replay(teacher, self.images, self.labels))
-        grid_path = self.save_grid(context) if self.grid else None
+        grid_path = self.save_grid(context) if self.grid and getattr(self.engine, "pool_is_pixels", True) else None
         self.log_record(context, record, grid_path)
+
+    def open_set(self, method: Any, context: TaskContext) -> None:
+        """The last task's classes have no data: the engine makes their block inputs from the seen classes
+        (`synthesize_open_set`) and the method learns them (`train_open_set`) before the evaluation."""
+        teacher = self.teacher_of(method).to(context.device)
+        self.engine.setup(context.image_shape, context.pixel_range)
+        began = time.perf_counter()
+        images, labels = self.engine.synthesize_open_set(teacher, method.n_old, method.n_seen)
+        synthesis_s = time.perf_counter() - began
+        method.train_open_set(images, labels)
+        self.history.append({"task": context.task, "engine": self.engine.name, "open_set": True,
+                             "device": str(context.device), "n_images": len(labels), "wall_s": synthesis_s,
+                             "train_s": time.perf_counter() - began - synthesis_s})
 
     def n_images_for(self, task: int) -> int:
         """Images made at the boundary after `task` (0-based): `n_images + n_images_per_task · (task + 1)`."""
@@ -136,6 +151,12 @@ and hands its replay to the student (`method.receive_replay`) for the next task.
     @torch.no_grad()
     def measure(self, teacher: nn.Module, images: Tensor, labels: Tensor, context: TaskContext) -> dict[str, Any]:
         device = next(teacher.parameters()).device
+        if not getattr(self.engine, "pool_is_pixels", True):  # a ViT's block inputs: accuracy only
+            with frozen_eval(teacher):
+                logits = torch.cat([teacher.head(self.engine.pool_features(teacher, images[i : i + 256].to(device)))
+                                    .cpu() for i in range(0, len(images), 256)])
+            return {"teacher_accuracy": 100.0 * float((logits.argmax(1) == labels).float().mean()),
+                    "bn_distance": None, "feature_distance": None}
         with frozen_eval(teacher):
             logits = torch.cat([teacher(images[i : i + 256].to(device)).cpu() for i in range(0, len(images), 256)])
             teacher_accuracy = 100.0 * float((logits.argmax(1) == labels).float().mean())

@@ -292,6 +292,27 @@ class FeatureModel:
         order = torch.randperm(n)
         return feats[order], labels[order]
 
+    def sample_per_class(self, k: int, classes: Sequence[int], boost: int = 1) -> tuple[Tensor, Tensor]:
+        """`k` target features of every class of `classes`, shuffled together with their labels.
+
+        Reference: PMI's CLIP learner, REMIX fork at d1f7f86, `CLIP/models/moe_adapter.py` `build_inv_data`
+        (`feat_type: cont`) with `CLIP/inversion/cont_model.py` `contrastive_selection`: per class, the selection
+        of k·`boost` features in batches of max(int(k·boost // select_step), 1), then k of them at random
+        (`random.sample`; here `torch.randperm`); one permutation of all (`random.shuffle`).
+        """
+        feats, labels = [], []
+        for c in [int(c) for c in classes]:
+            if self.selection == "contrastive" and c in self.encoders:
+                pool = contrastive_selection(self.encoders[c], self.gaussians.mean[c], self.gaussians.std[c], k * boost,
+                                             batch_size=max(k * boost // self.select_step, 1),
+                                             keep_rate=min(self.keep_rate, 1.0), tau=self.tau, rescale=self.rescale)
+                feats.append(pool[torch.randperm(len(pool))[:k]] if boost > 1 else pool)
+            else:
+                feats.append(self.gaussians.sample(c, k))
+            labels.append(torch.full((k,), c, dtype=torch.long))
+        order = torch.randperm(k * len(labels))
+        return torch.cat(feats)[order], torch.cat(labels)[order]
+
     def state_dict(self) -> dict:
         """Gaussians and every encoder (architecture and parameters); the settings come from the config."""
         return {"gaussians": self.gaussians.state_dict(),

@@ -27,6 +27,21 @@ boundary a Laplace-kernel covariance per BatchNorm layer is fitted to the correl
 real training images (blended with the previous fit by the old/new class shares, `covariance.py`), and both phases
 add `laplace_weight` × the mean over the BN layers in scope of its NLL (not boosted; counted in the kept loss).
 
+`statistics=data` is PMI's CLIP inversion (pkrukowski1/REMIX-Model-Inversion-via-Laplace-Kernel at d1f7f86,
+`CLIP/inversion/layer_wise_clip_inversion.py` `LayerWiseCLIPInversion.layer_wise_inversion_for_cl`, `inversion`,
+`init_layer_input`, `get_block_inv_settings`; `CLIP/models/moe_adapter.py` `incremental_train`, `build_inv_data`):
+the blocks are the vision transformer's split (patch convolution, token embedding, residual blocks, class-token
+projection), the statistics those of real block inputs per token position (`tokens.py`), collected at each boundary
+through the model of the boundary before (`stats_source=previous`) and pooled over boundaries. Blocks from the last
+down to `start_block` are inverted: MSE(block(u), target) + α·Σ KL(attention / MLP inputs ‖ data) + α·KL(u ‖ data),
+α = `bn_weight · n_blocks · layer_bn_factor`, u started at N(data); the kept iterate is the best for blocks above the
+start, the start block's (`start_steps`, `start_lr`) begins at `start_image_size`'s patch grid and doubles
+(bicubic, Adam restarted) at `start_upsample`, fed to the block resized to the full grid. Then the full-model phase
+from the start block in batches of `batch_size`: MSE + `bn_weight`·Σ_residual-block-input KL +
+`input_tv_weight`·TV(u), Adam under a cosine (`cosine_period`). The pool holds the start block's inputs.
+Targets: `per_class` per seen class, each class's CFS over `per_class · boost_rate` candidates then `per_class`
+at random; old classes' Gaussians are kept (`refit_old=false`).
+
 Options of ours, reference values by default: `block_mse=relative` (MSE / the target's mean square),
 `ce_weight`/`tv_weight` > 0 (cross-entropy to the label and DeepInversion's TV prior in the full phase),
 `feature_targets=observed` (the observed features instead of Gaussian samples), `search=true` (the
@@ -35,6 +50,7 @@ reference's optional per-block lr / weight search), `precision=bf16-mixed`, `nan
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -55,12 +71,25 @@ from cl_inversion.inversion.common import (
 from cl_inversion.inversion.covariance import LaplaceCovariance, LaplaceNLL, StreamingCovariance, blended_correlation
 from cl_inversion.inversion.engine import EngineBase
 from cl_inversion.inversion.features import FeatureModel, extract_features
+from cl_inversion.inversion.openset import OpenSetModel
 from cl_inversion.inversion.replay import BufferReplay
+from cl_inversion.inversion.tokens import (
+    StatisticHooks,
+    TokenStatistics,
+    attention_and_mlp,
+    collect,
+    position_kl,
+    total_variation_4,
+    upsample,
+)
+from cl_inversion.models.moe_clip import is_expert_parameter
 from cl_inversion.nn_utils import batchnorm_layers
 
 HINT = "lower inversion.per_layer.lr / layer_lr or set inversion.per_layer.nan_retries"
 FEATURE_TARGETS = ("gaussian", "observed")
 BLOCK_MSE = ("plain", "relative")
+STATISTICS = ("batchnorm", "data")
+FULL_SCHEDULES = ("warmup_multistep", "cosine")
 
 
 def kl_to_gaussian(x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
@@ -173,6 +202,22 @@ def observed_targets(features: Tensor, feature_labels: Tensor, labels: Tensor) -
     return targets
 
 
+def kept_iterate(best: Tensor, x: Tensor, better: Tensor) -> Tensor:
+    """`x` where `better`, else `best`, on the device; a host read only once the input has grown (CLIP)."""
+    if best.shape == x.shape:
+        return torch.where(better, x, best)
+    return x.clone() if bool(better) else best
+
+
+def check_vit_options(statistics: str, full_schedule: str, start_block: int) -> None:
+    if statistics not in STATISTICS or full_schedule not in FULL_SCHEDULES:
+        raise ConfigError(f"inversion.per_layer.statistics={statistics!r} / full_schedule={full_schedule!r}: "
+                          f"choose from {', '.join(STATISTICS)} / {', '.join(FULL_SCHEDULES)}")
+    if statistics == "data" and start_block < 1:
+        raise ConfigError("inversion.per_layer.start_block must be >= 1 with statistics=data (the reference's "
+                          "pixel start block is not ported)")
+
+
 class PerLayerInversion(EngineBase):
     """Synthesis engine: PMI's per-block inversion initialising a short full-model inversion."""
 
@@ -187,8 +232,28 @@ class PerLayerInversion(EngineBase):
                  contrastive_lr: float = 1e-2, contrastive_epochs: int = 200, contrastive_tau: float = 1.0,
                  select_step: int = 40, keep_rate: float = 0.5, laplace_weight: float = 0.0,
                  laplace_fit_epochs: int = 200, laplace_fit_lr: float = 0.01, precision: str = "32",
-                 nan_retries: int = 0, progress: bool = True, log_every: int = 10) -> None:
+                 nan_retries: int = 0, progress: bool = True, log_every: int = 10, statistics: str = "batchnorm",
+                 start_block: int = 0, start_steps: int | None = None, start_lr: float | None = None,
+                 start_image_size: int | None = None, start_upsample: Sequence[int] = (),
+                 layer_batch: int | None = None, full_schedule: str = "warmup_multistep", cosine_period: int = 2000,
+                 input_tv_weight: float = 0.0, per_class: int = 0, boost_rate: int = 1, refit_old: bool = True,
+                 stats_source: str = "previous", merge_limit: int | None = 14,
+                 replay_replacement: bool = False, open_set: dict | None = None) -> None:
         super().__init__()
+        #: PMI's open-set step on CLIP (`openset.py`): its options, or None
+        self.open_set = OpenSetModel(**open_set, merge_limit=merge_limit) if open_set else None
+        check_vit_options(statistics, full_schedule, start_block)
+        self.statistics, self.start_block = statistics, start_block
+        self.start_steps = layer_steps if start_steps is None else start_steps
+        self.start_lr = layer_lr if start_lr is None else start_lr
+        self.start_image_size, self.start_upsample = start_image_size, list(start_upsample)
+        self.layer_batch = layer_batch or batch_size
+        self.full_schedule, self.cosine_period, self.input_tv_weight = full_schedule, cosine_period, input_tv_weight
+        self.per_class, self.boost_rate, self.refit_old = per_class, boost_rate, refit_old
+        self.stats_source, self.replay_replacement = stats_source, replay_replacement
+        self.token_stats = TokenStatistics(merge_limit)
+        self.stats_backbone: nn.Module | None = None  # the model the next boundary's data statistics go through
+        self._stats_experts: dict[str, Tensor] | None = None  # its expert weights from a checkpoint
         if str(precision) not in PRECISIONS:
             raise ConfigError(f"inversion.per_layer.precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
         if layer_steps < 0 or full_steps < 0:
@@ -227,6 +292,12 @@ class PerLayerInversion(EngineBase):
         """The boundary's feature model (`ClassWiseContrastiveBuffer.update_buffer`): Gaussians and contrastive
         encoders of the new classes from their real training features, of the old classes from the previous
         synthetic pool's features, both through the new teacher; with `laplace_weight`, REMIX's covariances."""
+        if self.statistics == "data":
+            self._observe_tokens(teacher, real_batches)
+        if self.open_set is not None:
+            self.open_set.observe(teacher.backbone.pretrained_copy(), real_batches, next(teacher.parameters()).device)
+        if not self.refit_old:
+            replay_images = None
         streams, handles = self._observe_covariance(teacher) if self.laplace_weight > 0 else ([], [])
         try:
             features, labels = extract_features(teacher, real_batches)
@@ -243,6 +314,24 @@ class PerLayerInversion(EngineBase):
         self.observed = (features, labels) if self.feature_targets == "observed" else None
         if streams:
             self._fit_laplace(streams, len(labels.unique()) - n_new, n_new)
+
+    def _observe_tokens(self, teacher: nn.Module, real_batches) -> None:
+        """The data statistics of the block inputs (`update_input_stat`), through the model of the boundary
+        before — at the first boundary the model before any training (`pretrained_copy`) — or the teacher."""
+        source = teacher.backbone
+        if self.stats_source == "previous":
+            initial = getattr(teacher.backbone, "pretrained_copy", None)
+            if self.stats_backbone is None and self._stats_experts is not None:  # resumed: rebuild it
+                self.stats_backbone = initial().eval().requires_grad_(False)
+                self.stats_backbone.load_state_dict(self._stats_experts, strict=False)
+            source = self.stats_backbone or (initial() if initial else teacher.backbone)
+        device = next(teacher.parameters()).device
+        with frozen_eval(source):
+            self.token_stats.update(collect(source.blocks(), real_batches, device))
+        if self.stats_source == "previous":
+            import copy
+
+            self.stats_backbone = copy.deepcopy(teacher.backbone).eval().requires_grad_(False)
 
     def _observe_covariance(self, teacher: nn.Module) -> tuple[list[StreamingCovariance], list]:
         """Streaming covariance of every backbone BatchNorm input over the real images (REMIX's runner hook)."""
@@ -277,26 +366,57 @@ class PerLayerInversion(EngineBase):
             raise RuntimeError(f"per_layer synthesis: no feature model for classes {missing} (call observe first)")
         self.stats = SynthesisStats()
         self.block_losses, self.searched = [], None
-        targets, labels = self.features.sample(n, classes)
+        if self.per_class:
+            targets, labels = self.features.sample_per_class(self.per_class, classes, self.boost_rate)
+        else:
+            targets, labels = self.features.sample(n, classes)
         if self.observed is not None:
             targets = observed_targets(*self.observed, labels)
         self.last_targets, self.last_labels = targets, labels
         device = next(teacher.parameters()).device
         chunks = []
         with frozen_eval(teacher):
-            if not batchnorm_layers(teacher):
+            if not batchnorm_layers(teacher) and self.statistics == "batchnorm":
                 self.stats.notes.append("teacher has no BatchNorm layer: BN-statistics and BN-prior terms disabled; "
                                         "the feature targets carry the alignment")
-            for start in range(0, n, self.batch_size):
-                f = targets[start : start + self.batch_size].to(device)
-                y = labels[start : start + self.batch_size].to(device)
+            step = self.layer_batch if self.statistics == "data" else self.batch_size
+            for start in range(0, len(labels), step):
+                f = targets[start : start + step].to(device)
+                y = labels[start : start + step].to(device)
                 chunks.append(retry_on_nan(lambda lr, _, f=f, y=y: self.invert_batch(teacher, f, y, lr / self.lr),
-                                           self.lr, self.nan_retries, self.stats, f"batch {start // self.batch_size}"))
+                                           self.lr, self.nan_retries, self.stats, f"batch {start // step}"))
+        return torch.cat(chunks).cpu(), labels
+
+    def synthesize_open_set(self, teacher: nn.Module, n_old: int, n_seen: int) -> tuple[Tensor, Tensor]:
+        """Block inputs of classes n_old..n_seen, which have no data: `open_set.per_class` projected targets each,
+        inverted through pre-trained CLIP (output normalised) with its own block statistics, `bn_weight` and
+        `input_tv_weight` (`build_outset_inv_data` with `openset_inversion_runner`)."""
+        targets, labels = self.open_set.targets(teacher.head, n_old, n_seen)
+        raw = nn.Module()
+        raw.backbone = teacher.backbone.pretrained_copy()
+        raw.backbone.normalize_output = True
+        device = next(teacher.parameters()).device
+        raw.to(device)
+        self.stats = SynthesisStats()
+        self.block_losses, kept = [], (self.token_stats, self.bn_weight, self.input_tv_weight)
+        self.token_stats, self.bn_weight = self.open_set.tokens, self.open_set.bn_weight
+        self.input_tv_weight = self.open_set.input_tv_weight
+        try:
+            with frozen_eval(raw):
+                chunks = [self.invert_batch(raw, targets[i : i + self.layer_batch].to(device), None)
+                          for i in range(0, len(labels), self.layer_batch)]
+        finally:
+            self.token_stats, self.bn_weight, self.input_tv_weight = kept
         return torch.cat(chunks).cpu(), labels
 
     def invert_batch(self, teacher: nn.Module, target_features: Tensor, labels: Tensor,
                      lr_scale: float = 1.0) -> Tensor:
         """Per-block phase, then the full-model phase, both learning rates scaled by `lr_scale` (NaN retries)."""
+        if self.statistics == "data":
+            u = self.invert_token_blocks(teacher, target_features, lr_scale)
+            return torch.cat([self.invert_token_full(teacher, u[i : i + self.batch_size],
+                                                     target_features[i : i + self.batch_size], self.lr * lr_scale)
+                              for i in range(0, len(u), self.batch_size)])
         image = self.invert_layers(teacher, target_features, self.layer_lr * lr_scale)
         return self.invert_full(teacher, image, target_features, labels, self.lr * lr_scale)
 
@@ -344,6 +464,92 @@ class PerLayerInversion(EngineBase):
             progress.close()
         return target
 
+    def invert_token_blocks(self, teacher: nn.Module, targets: Tensor, lr_scale: float = 1.0) -> Tensor:
+        """The per-block phase on a vision transformer, last block down to `start_block`; returns the start
+        block's input (`layer_wise_inversion_for_cl`, first half, `search_param` off)."""
+        device, n = targets.device, len(targets)
+        blocks = list(teacher.backbone.blocks())
+        shares, shapes = self._block_costs_of(teacher, blocks, device)
+        weight = self.bn_weight * len(blocks) * self.layer_bn_factor
+        total = self.layer_steps * (len(blocks) - 1 - self.start_block) + self.start_steps
+        progress = SynthesisProgress(total, "PMI per-block (ViT)", self.stats, self.log_every, self.progress,
+                                     engine=self.name, hint=HINT)
+        target = targets
+        try:
+            for k in reversed(range(self.start_block, len(blocks))):
+                first = k == self.start_block
+                shape, grid = shapes[k], shapes[k][-1]
+                if first and len(shape) == 3 and self.start_image_size:
+                    size = grid * self.start_image_size // teacher.backbone.image_size[0]
+                    shape = torch.Size([shape[0], size, size])
+                start, prior = self.token_block_start(k, n, shape, device)
+                modules = attention_and_mlp(blocks[k])
+                stats = [self.token_stats.blocks[(name, k)].stats() for name in modules]
+                forward = ((lambda u, b=blocks[k], g=grid: b(upsample(u, g))) if first and len(shape) == 3
+                           else blocks[k])
+                with StatisticHooks(list(modules.values()), stats) as hooks:
+                    u, _, first_mse = self.optimise(
+                        start, target, forward, hooks, prior, self.start_steps if first else self.layer_steps,
+                        lambda _, lr=(self.start_lr if first else self.layer_lr) * lr_scale: lr, weight, weight,
+                        shares[k], progress, {"block": k}, keep_best=self.keep_best if first else True,
+                        upsample_at=self.start_upsample if first else (), upsample_cap=grid)
+                with torch.no_grad():
+                    self.block_losses.insert(0, (float(first_mse), float(F.mse_loss(forward(u), target))))
+                target = u
+        finally:
+            progress.close()
+        return target
+
+    def token_block_start(self, k: int, n: int, shape: torch.Size,
+                          device: torch.device) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        """Block k's starting input N(mean, var) of its real inputs' statistics per index of dim 1, and the prior
+        KL(u ‖ that Gaussian) (`init_layer_input`, `KLDivergence`)."""
+        mean, var = (t.to(device) for t in self.token_stats.blocks[("input", k)].stats())
+        view = (1, -1, *[1] * (len(shape) - 1))
+        start = torch.randn(n, *shape).to(device) * var.clamp(min=0).sqrt().view(view) + mean.view(view)
+        return start, lambda u: position_kl(u, mean, var, 1e-8)
+
+    def invert_token_full(self, teacher: nn.Module, u: Tensor, targets: Tensor, lr: float) -> Tensor:
+        """The full-model phase from the start block's input (`layer_wise_inversion_for_cl`, second half): MSE
+        + `bn_weight`·Σ KL(residual-block inputs ‖ data) + `input_tv_weight`·TV(u), cosine lr."""
+        blocks = list(teacher.backbone.blocks())
+        tail, grid = blocks[self.start_block :], u.shape[-1]
+        residual = [(k, b) for k, b in enumerate(blocks) if attention_and_mlp(b)]
+        stats = [self.token_stats.model[("input", k)].stats() for k, _ in residual]
+        progress = SynthesisProgress(self.full_steps, "PMI full-model (ViT)", self.stats, self.log_every,
+                                     self.progress, engine=self.name, hint=HINT)
+
+        def forward(x: Tensor) -> Tensor:
+            x = upsample(x, grid) if x.dim() == 4 else x
+            for block in tail:
+                x = block(x)
+            return x.float()
+
+        def lr_at(step: int) -> float:
+            if self.full_schedule == "cosine":
+                return lr * (1 + math.cos(math.pi * step / self.cosine_period)) / 2
+            return full_phase_lr(step, lr, self.warmup, self.milestones, self.lr_decay)
+
+        try:
+            with StatisticHooks([b for _, b in residual], stats) as hooks:
+                x, _, _ = self.optimise(u, targets, forward, hooks, None, self.full_steps, lr_at, self.bn_weight,
+                                        self.bn_weight, 1.0, progress, {}, tv_weight=self.input_tv_weight,
+                                        keep_best=self.keep_best)
+        finally:
+            progress.close()
+        return x
+
+    @property
+    def pool_is_pixels(self) -> bool:
+        """Whether the pool holds images (false: inputs of block `start_block` of a vision transformer)."""
+        return self.statistics != "data"
+
+    def pool_features(self, teacher: nn.Module, x: Tensor) -> Tensor:
+        """The teacher's features of pool entries."""
+        if self.pool_is_pixels:
+            return teacher.features(x)
+        return teacher.backbone.forward_from(self.start_block, x)
+
     def invert_full(self, teacher: nn.Module, image: Tensor, target_features: Tensor, labels: Tensor,
                     lr: float | None = None) -> Tensor:
         """The full-model phase from the per-block image: MSE of the pooled feature + Σ BN KL."""
@@ -381,12 +587,15 @@ class PerLayerInversion(EngineBase):
                  prior: Callable[[Tensor], Tensor] | None, steps: int, lr_at: Callable[[int], float], weight: float,
                  base: float, share: float, progress: SynthesisProgress, tags: dict, mse: str = "plain",
                  extra: Callable | None = None, step_hook: Callable | None = None,
-                 laplace: Sequence[LaplaceNLL] = ()) -> tuple[Tensor, Tensor, Tensor]:
+                 laplace: Sequence[LaplaceNLL] = (), keep_best: bool | None = None, upsample_at: Sequence[int] = (),
+                 upsample_cap: int = 0, tv_weight: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
         """PMI's `inversion` loop on one input tensor. Returns the kept input (the iterate after the step with
         the lowest `MSE + base·(BN + prior)`, or the last with `keep_best=false`), that lowest value and the
         first MSE. Weights: α_mse from 1, α_bn = α_in = `weight`; with `boost`, at a step whose term exceeds its
         first value, α_mse doubles up to 10, α_bn up to 10·base, α_in up to 5·base. Everything stays on the
-        device: no host read per step."""
+        device. CLIP's loop adds: at `upsample_at` steps the input doubles (bicubic, ≤ `upsample_cap`), Adam
+        restarts; `tv_weight`·`total_variation_4(x)` joins both losses; `keep_best` overrides the engine's."""
+        keep_best = self.keep_best if keep_best is None else keep_best
         x = start.detach().clone().requires_grad_(True)
         optimizer = torch.optim.Adam([x], lr=lr_at(0))
         device = x.device
@@ -398,6 +607,9 @@ class PerLayerInversion(EngineBase):
         best_loss = torch.full((), float("inf"), dtype=torch.float64, device=device)
         best_x = x.detach().clone()
         for i in range(steps):
+            if i in upsample_at:
+                x = upsample(x.detach(), min(2 * x.shape[-1], upsample_cap)).requires_grad_(True)
+                optimizer = torch.optim.Adam([x], lr=lr_at(i))
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(i)
             out = forward(x)
@@ -412,21 +624,24 @@ class PerLayerInversion(EngineBase):
                 alpha_in = torch.where(l_in.detach() > first["in"], (2 * alpha_in).clamp(max=5 * base), alpha_in)
             l_lap = torch.stack([hook.nll() for hook in laplace]).mean() if laplace else zero
             loss = alpha_mse * l_mse + alpha_bn * l_bn + self.laplace_weight * l_lap + alpha_in * l_in
+            l_tv = total_variation_4(x) if tv_weight else zero
+            loss = loss + tv_weight * l_tv if tv_weight else loss
             if extra is not None:
                 loss = loss + extra(x, out)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             compared = (l_mse.detach().double() + base * l_bn.detach().double()
-                        + self.laplace_weight * l_lap.detach().double() + base * l_in.detach().double())
+                        + self.laplace_weight * l_lap.detach().double() + base * l_in.detach().double()
+                        + tv_weight * l_tv.detach().double())
             better = compared < best_loss
             best_loss = torch.where(better, compared, best_loss)
-            best_x = torch.where(better, x.detach(), best_x)
+            best_x = kept_iterate(best_x, x.detach(), better)
             self.stats.full_model_passes += share
             progress.update({**tags, "mse": l_mse, "bn": l_bn}, loss)
             if step_hook is not None:
                 step_hook(x.detach(), i)
-        kept = best_x if self.keep_best else x.detach()
+        kept = best_x if keep_best else x.detach()
         return kept, best_loss, first["mse"] if first else torch.full((), float("nan"))
 
     def _block_costs_of(self, teacher: nn.Module, blocks: list[nn.Module], device: torch.device):
@@ -440,14 +655,25 @@ class PerLayerInversion(EngineBase):
 
     def replay(self, teacher: nn.Module, images: Tensor, labels: Tensor) -> BufferReplay:
         """The pool, sampled without replacement per batch (`ClassWiseContrastiveBuffer.get_data`)."""
-        return BufferReplay(images, labels, replacement=False)
+        return BufferReplay(images, labels, replacement=self.replay_replacement)
 
     def state_dict(self) -> dict:
-        return {"features": self.features.state_dict(), "laplace": [m.state_dict() for m in self.laplace]}
+        """Feature model, covariances, block statistics, the open-set model, and the statistics model's experts
+        (its only weights that differ from the teacher's architecture as built; rebuilt on first use)."""
+        stats_model = self.stats_backbone
+        experts = ({k: v.clone() for k, v in stats_model.state_dict().items() if is_expert_parameter(k)}
+                   if stats_model is not None else self._stats_experts)
+        return {"features": self.features.state_dict(), "laplace": [m.state_dict() for m in self.laplace],
+                "tokens": self.token_stats.state_dict(), "stats_experts": experts,
+                "open_set": self.open_set.state_dict() if self.open_set is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         if state:
             self.features.load_state_dict(state["features"])
+            self.token_stats.load_state_dict(state.get("tokens", {}))
+            self.stats_backbone, self._stats_experts = None, state.get("stats_experts")
+            if self.open_set is not None and state.get("open_set"):
+                self.open_set.load_state_dict(state["open_set"])
             self.laplace = []
             for saved in state.get("laplace", []):
                 model = LaplaceCovariance(len(saved["a"]))

@@ -2,7 +2,7 @@
 model (DeepInversion, ABD, R-DFCIL, PMI).
 
 The engine is the config group `inversion/engine` (a method's YAML defaults choose it; any engine pairs with any
-student: `inversion/engine=pixel|generator|rdfcil_generator|per_layer|remix`). The student owns the replay the
+student: `inversion/engine=<name>`, one file each under conf/inversion/engine/). The student owns the replay the
 inversion callback hands over at each task boundary (`receive_replay`), and the opening every such student
 shares: until there is a replay (the first task), cross-entropy over the classes seen so far. A subclass states
 `replay_loss` only, drawing old-class images with `sample_replay`.
