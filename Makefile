@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: install run test bench lint clean
+.PHONY: install run test test-slow test-full bench lint clean
 
 install: $(STAMP)
 
@@ -18,8 +18,14 @@ $(STAMP): pyproject.toml
 run: install
 	$(PY) -m cl_inversion $(ARGS)
 
+# the fast tier; test-slow: the longer end-to-end runs (marked slow); test-full: both (what CI runs)
 test: install
-	WANDB_MODE=offline $(PY) -m pytest $(PYTEST_ARGS)
+	WANDB_MODE=offline $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: install
+	WANDB_MODE=offline $(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+test-full: test test-slow
 
 bench: install
 	$(PY) -m benchmarks.run_all

@@ -1,6 +1,6 @@
 """Everything the task loop tells its logger (CSV, TensorBoard, W&B), in one place.
 
-`run.py` calls `build_logger` once, `after_fit` after every `Trainer.fit`, `log_task` after every task's
+`loop/task_loop.py` calls `build_logger` once, `after_fit` after every `Trainer.fit`, `log_task` after every task's
 evaluation and `finish` at the end of the job (also on failure). Scalars go through Lightning's
 `Logger` API so every logger gets the same ones; W&B is special-cased only for what that API lacks:
 the accuracy-matrix table, images and `run.summary`. `log_image` is the helper for other components
@@ -19,8 +19,8 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, Wand
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from cl_inversion.metrics import SUMMARY_KEYS
-from cl_inversion.results import RunResults
+from cl_inversion.loop.metrics import SUMMARY_KEYS
+from cl_inversion.loop.results import RunResults
 
 
 def _sweep_name() -> str | None:

@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cl_inversion.loop.results import RunResults
 from cl_inversion.plots import accuracy_curves, accuracy_heatmap
-from cl_inversion.results import RunResults
 
 PROG = "cl_inversion.report"
 METRICS = {"final_accuracy": "Final acc. (%)", "average_incremental_accuracy": "Avg. inc. acc. (%)",

@@ -7,7 +7,7 @@ import os
 import lightning as L
 import torch
 
-from cl_inversion.inversion.callback import ContinualCallback
+from cl_inversion.loop.hooks import ContinualCallback
 
 
 class StateProbe(L.Callback):
@@ -31,6 +31,6 @@ class SynthesisCrash(ContinualCallback):
     """Raises KeyboardInterrupt (a Ctrl-C) at the boundary of task `$CL_TEST_CRASH_AT_TASK`, after the task's
     training: the run dies during its between-task work (synthesis). The config is the same with or without."""
 
-    def on_task_end(self, method, context) -> None:
+    def between_tasks(self, student, context) -> None:
         if os.environ.get("CL_TEST_CRASH_AT_TASK") == str(context.task):
             raise KeyboardInterrupt

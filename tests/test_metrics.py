@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from cl_inversion.metrics import (
+from cl_inversion.loop.metrics import (
     average_incremental_accuracy,
     backward_transfer,
     evaluate,

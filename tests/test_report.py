@@ -18,7 +18,7 @@ def fake_run(path: Path, method: str, seed: int, matrix: list[list[float]], stat
              temperature: float = 2.0, n_tasks: int | None = None, **extra) -> Path:
     """A results.json as `cl_inversion.run` writes it; `extra` adds or overrides top-level keys
     (task_aware_matrix, per_task, inversion, old_class_accuracy, ..., or `published` for the config)."""
-    from cl_inversion.metrics import average_incremental_accuracy, final_average_accuracy, forgetting
+    from cl_inversion.loop.metrics import average_incremental_accuracy, final_average_accuracy, forgetting
 
     published = extra.pop("published", None)
     data = {"status": status, "method": method, "dataset": "digits", "backbone": "small_cnn",

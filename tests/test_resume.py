@@ -108,7 +108,11 @@ def assert_same_state(a, b, where: str) -> None:
         assert a == b, where
 
 
-@pytest.mark.parametrize("method", list(METHOD_ARGS))
+FAST_RESUME = ("lwf", "pmi")  # the fast tier resumes one method without and one with an engine; the rest: slow
+
+
+@pytest.mark.parametrize("method", [m if m in FAST_RESUME else pytest.param(m, marks=pytest.mark.slow)
+                                    for m in METHOD_ARGS])
 def test_sigkill_after_second_task_then_resume_matches_uninterrupted(tmp_path, method):
     args = [*METHOD_ARGS[method], *COMMON]
     full = start_cli(*args, run_dir=tmp_path / "full")

@@ -142,7 +142,7 @@ print(json.dumps({{"params": params, "sbatch": sbatch, "launcher": type(launcher
 
 def test_lightning_does_not_requeue_under_submitit_slurm(monkeypatch, compose):
     """...so Lightning's SLURM environment gets auto_requeue=False when submitit runs the job on SLURM."""
-    from cl_inversion.run import cluster_plugins
+    from cl_inversion.loop.task_loop import cluster_plugins
 
     cfg = compose(["trainer=ddp"])
     monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)

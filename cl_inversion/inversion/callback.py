@@ -1,19 +1,13 @@
 """The between-task inversion step: freeze the trained model as the teacher, run a synthesis engine,
-measure what it produced, and hand the method a replay for the next task.
-
-`ContinualCallback` is a Lightning `Callback` with one more hook, `on_task_end`, which the task loop
-calls after `Trainer.fit` in the main process (so it also works under `ddp_spawn`, where fit runs in
-worker processes, and happens once per task boundary).
+measure what it produced, and hand the method a replay for the next task (a `ContinualCallback` of the loop).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -21,35 +15,7 @@ from torch import Tensor, nn
 from cl_inversion.errors import ConfigError
 from cl_inversion.inversion.common import BNStatistics, frozen_eval
 from cl_inversion.inversion.engine import SynthesisEngine, missing_members
-
-
-@dataclass
-class TaskContext:
-    """What a between-task hook may need from the loop."""
-
-    task: int
-    run_dir: Path
-    logger: Any
-    datamodule: Any  # TaskDataModule of the task just learned (its real data is still available)
-    image_shape: tuple[int, ...]
-    pixel_range: tuple[Tensor, Tensor]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    device: torch.device = torch.device("cpu")  # where the task trained: synthesis runs there too
-
-
-class ContinualCallback(L.Callback):
-    """A Lightning callback that also takes part in the task loop."""
-
-    def on_task_end(self, method: Any, context: TaskContext) -> None:
-        """After a task's fit, its between-task hook, and before its evaluation and checkpoint."""
-
-    def results(self) -> dict[str, Any]:
-        """Entries merged into results.json."""
-        return {}
-
-    def on_restore(self, method: Any) -> None:
-        """After resume loaded the method and this callback's state: re-attach what the method uses."""
+from cl_inversion.loop.hooks import ContinualCallback, ReplayStudent, TaskContext
 
 
 def frechet_distance(a: Tensor, b: Tensor) -> float:
@@ -101,12 +67,12 @@ and hands its replay to the student (`method.receive_replay`) for the next task.
         self.images: Tensor | None = None
         self.labels: Tensor | None = None
 
-    def teacher_of(self, method: Any) -> nn.Module:
-        previous = getattr(method, "previous", None)
+    def teacher_of(self, method: ReplayStudent) -> nn.Module:
+        previous = method.previous
         return previous if isinstance(previous, nn.Module) else method.frozen_copy()
 
-    def on_task_end(self, method: Any, context: TaskContext) -> None:
-        if method.is_last_task:
+    def between_tasks(self, method: ReplayStudent, context: TaskContext) -> None:
+        if context.is_last:
             if getattr(self.engine, "open_set", None) is not None and getattr(method, "open_set_task", False):
                 self.open_set(method, context)
             return
@@ -131,7 +97,7 @@ and hands its replay to the student (`method.receive_replay`) for the next task.
         grid_path = self.save_grid(context) if self.grid and getattr(self.engine, "pool_is_pixels", True) else None
         self.log_record(context, record, grid_path)
 
-    def open_set(self, method: Any, context: TaskContext) -> None:
+    def open_set(self, method: ReplayStudent, context: TaskContext) -> None:
         """The last task's classes have no data: the engine makes their block inputs from the seen classes
         (`synthesize_open_set`) and the method learns them (`train_open_set`) before the evaluation."""
         teacher = self.teacher_of(method).to(context.device)
@@ -215,6 +181,6 @@ and hands its replay to the student (`method.receive_replay`) for the next task.
         self.engine.load_state_dict(state["engine"])
         self.images, self.labels = state["images"], state["labels"]
 
-    def on_restore(self, method: Any) -> None:
-        if self.images is not None and not method.is_last_task:
+    def on_restore(self, method: ReplayStudent, is_last: bool) -> None:
+        if self.images is not None and not is_last:
             method.receive_replay(self.engine.replay(self.teacher_of(method), self.images, self.labels))

@@ -209,6 +209,23 @@ def kept_iterate(best: Tensor, x: Tensor, better: Tensor) -> Tensor:
     return x.clone() if bool(better) else best
 
 
+def check_options(precision: str, layer_steps: int, full_steps: int, feature_targets: str, block_mse: str,
+                  batch_size: int) -> None:
+    """The engine's choices and counts, refused with the field and what is allowed."""
+    if str(precision) not in PRECISIONS:
+        raise ConfigError(f"inversion.per_layer.precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if layer_steps < 0 or full_steps < 0:
+        raise ConfigError(f"inversion.per_layer.layer_steps={layer_steps}, full_steps={full_steps}: "
+                          "steps must be >= 0 (layer_steps=0: full-model inversion from noise)")
+    if feature_targets not in FEATURE_TARGETS:
+        raise ConfigError(f"inversion.per_layer.feature_targets={feature_targets!r}: choose one of "
+                          f"{', '.join(FEATURE_TARGETS)}")
+    if block_mse not in BLOCK_MSE:
+        raise ConfigError(f"inversion.per_layer.block_mse={block_mse!r}: choose one of {', '.join(BLOCK_MSE)}")
+    if batch_size < 1:
+        raise ConfigError(f"inversion.per_layer.batch_size={batch_size}: must be >= 1")
+
+
 def check_vit_options(statistics: str, full_schedule: str, start_block: int) -> None:
     if statistics not in STATISTICS or full_schedule not in FULL_SCHEDULES:
         raise ConfigError(f"inversion.per_layer.statistics={statistics!r} / full_schedule={full_schedule!r}: "
@@ -254,18 +271,7 @@ class PerLayerInversion(EngineBase):
         self.token_stats = TokenStatistics(merge_limit)
         self.stats_backbone: nn.Module | None = None  # the model the next boundary's data statistics go through
         self._stats_experts: dict[str, Tensor] | None = None  # its expert weights from a checkpoint
-        if str(precision) not in PRECISIONS:
-            raise ConfigError(f"inversion.per_layer.precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
-        if layer_steps < 0 or full_steps < 0:
-            raise ConfigError(f"inversion.per_layer.layer_steps={layer_steps}, full_steps={full_steps}: "
-                              "steps must be >= 0 (layer_steps=0: full-model inversion from noise)")
-        if feature_targets not in FEATURE_TARGETS:
-            raise ConfigError(f"inversion.per_layer.feature_targets={feature_targets!r}: choose one of "
-                              f"{', '.join(FEATURE_TARGETS)}")
-        if block_mse not in BLOCK_MSE:
-            raise ConfigError(f"inversion.per_layer.block_mse={block_mse!r}: choose one of {', '.join(BLOCK_MSE)}")
-        if batch_size < 1:
-            raise ConfigError(f"inversion.per_layer.batch_size={batch_size}: must be >= 1")
+        check_options(precision, layer_steps, full_steps, feature_targets, block_mse, batch_size)
         self.layer_steps, self.full_steps, self.batch_size = layer_steps, full_steps, batch_size
         self.layer_lr, self.lr, self.bn_weight, self.layer_bn_factor = layer_lr, lr, bn_weight, layer_bn_factor
         self.warmup, self.milestones, self.lr_decay = warmup, list(milestones), lr_decay

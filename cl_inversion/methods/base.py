@@ -69,6 +69,15 @@ class ContinualModule(L.LightningModule):
             self.previous = self.frozen_copy()
         self.on_task_end(datamodule)
 
+    def restore(self, task_sizes: list[int], task: int, net_state: dict[str, Any], state: dict[str, Any],
+                is_last: bool = False) -> None:
+        """On resume: back to the state after `task` (the head regrown to `task_sizes` before the weights load)."""
+        for size in task_sizes:
+            self.net.head.grow(size)
+        self.task_sizes, self.task, self.is_last_task = list(task_sizes), task, is_last
+        self.net.load_state_dict(net_state)
+        self.restore_state(state)
+
     def restore_state(self, state: dict[str, Any]) -> None:
         """On resume, once `net` has its weights back: method state, and the previous model (which is the
         network as checkpointed after the task)."""

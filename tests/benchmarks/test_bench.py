@@ -2,7 +2,11 @@
 
 import json
 
+import pytest
+
 from benchmarks import run_all
+
+pytestmark = pytest.mark.slow  # each benchmark in a subprocess: make test-full (and CI)
 
 
 def test_loop_overhead_json_through_run_all(tmp_path, monkeypatch, capsys):

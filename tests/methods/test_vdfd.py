@@ -13,11 +13,11 @@ from torch import nn
 
 from cl_inversion.data import ClassIncrementalScenario, digits
 from cl_inversion.io import load_checkpoint, save_checkpoint
+from cl_inversion.loop.checkpoints import checkpoint_state, restore
 from cl_inversion.methods import VDFD
 from cl_inversion.methods.base import state_bytes
 from cl_inversion.methods.vdfd import GCN, compress, linearised, normalized_adjacency
 from cl_inversion.models import IncrementalClassifier, SmallCNN
-from cl_inversion.resume import checkpoint_state, restore
 
 SGD = functools.partial(torch.optim.SGD, lr=0.1)
 
@@ -185,6 +185,7 @@ def test_checkpoint_resume_restores_the_regulariser(scenario, tmp_path):
     assert not [k for k, v in vars(fresh).items() if isinstance(v, nn.Module)]
 
 
+@pytest.mark.slow
 def test_cli_run_on_digits(tmp_path):
     run_cli("method=vdfd", "scenario.n_tasks=2", *FAST, run_dir=tmp_path)
     results = read_results(tmp_path)

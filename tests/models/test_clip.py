@@ -36,6 +36,7 @@ def check_zero_shot_run(res: dict) -> None:
     assert trained.isdisjoint(held) and len(trained) == 8
 
 
+@pytest.mark.slow
 def test_clip_tiny_cli_run_with_zero_shot_retention(cli, tmp_path):
     cli(*CLIP_RUN, "method=finetune", "scenario.n_tasks=4", "scenario.holdout_classes=2", run_dir=tmp_path)
     check_zero_shot_run(read_results(tmp_path))

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from cl_inversion.inversion.callback import InversionCallback
+from cl_inversion.loop.checkpoints import load_resume_state, restore
+from cl_inversion.loop.task_loop import TaskLoop
 from cl_inversion.methods.inversion_student import crop_flip_batch
-from cl_inversion.resume import load_resume_state, restore
-from cl_inversion.run import TaskLoop
 
 
 @torch.no_grad()

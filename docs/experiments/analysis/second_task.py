@@ -20,8 +20,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from cl_inversion.inversion.callback import InversionCallback
-from cl_inversion.resume import load_resume_state, restore
-from cl_inversion.run import TaskLoop, task_seed
+from cl_inversion.loop.checkpoints import load_resume_state, restore
+from cl_inversion.loop.task_loop import TaskLoop, task_seed
 
 
 def second_task(run: Path, overrides: list[str], resynthesize: bool = False) -> None:

@@ -1,4 +1,4 @@
-"""Resume after a kill or a SLURM requeue, and leave a record when a run dies.
+"""Checkpoints and resume after a kill or a SLURM requeue.
 
 A run writes `checkpoints/task_<t>.ckpt` (atomic, see `io.py`) after every task. It continues from the
 newest one when
@@ -9,30 +9,25 @@ newest one when
   directory) and the run directory holds a checkpoint: nothing is started over.
 
 Randomness after a resume matches an uninterrupted run because every task reseeds everything
-(`task_seed(seed, t)` in `run.py`: global RNGs, dataloader shuffles, augmentation, head init), so the
+(`task_seed(seed, t)` in `loop/task_loop.py`: global RNGs, dataloader shuffles, augmentation, head init), so the
 RNG state at the start of task t depends on (seed, t) alone, not on what ran before.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
-import shutil
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
 
-from cl_inversion.errors import ConfigError, user_error
-from cl_inversion.hydra_context import hydra_choices
-from cl_inversion.inversion.callback import ContinualCallback
-from cl_inversion.io import CHECKPOINT_FORMAT, CorruptCheckpointError, load_checkpoint, write_json
+from cl_inversion.errors import ConfigError
+from cl_inversion.io import CHECKPOINT_FORMAT, CorruptCheckpointError, load_checkpoint
+from cl_inversion.loop.hooks import ContinualCallback
 from cl_inversion.methods.base import ContinualModule
 
 log = logging.getLogger("cl_inversion")
@@ -100,19 +95,14 @@ def checkpoint_state(method: ContinualModule, task: int, results: dict[str, Any]
 
 
 def restore(method: ContinualModule, state: dict[str, Any], callbacks: list[Any] | None = None,
-            source: Path | str = "checkpoint") -> None:
-    """Put a method (and the run's callbacks) back in their state after `state['task']`; the head is
-    rebuilt before loading weights."""
-    for size in state["task_sizes"]:
-        method.net.head.grow(size)
-    method.task_sizes = list(state["task_sizes"])
-    method.task = state["task"]
-    method.net.load_state_dict(state["net"])
-    method.restore_state(state["method"])
+            source: Path | str = "checkpoint", is_last: bool = False) -> None:
+    """Put a method (and the run's callbacks) back in their state after `state['task']` (`is_last`: that task
+    is the sequence's last)."""
+    method.restore(state["task_sizes"], state["task"], state["net"], state["method"], is_last)
     load_callback_states(callbacks or [], state.get("callbacks", {}), source)
     for cb in callbacks or []:
         if isinstance(cb, ContinualCallback):
-            cb.on_restore(method)
+            cb.on_restore(method, is_last)
 
 
 def config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -163,98 +153,6 @@ def _keyed(callbacks: Iterable[object]) -> Iterator[tuple[str, Any]]:
         n = counts.get(name, 0)
         counts[name] = n + 1
         yield (name if n == 0 else f"{name}_{n}"), callback
-
-
-def failure_fields(err: BaseException) -> dict[str, str]:
-    """`status` ("failed", or "interrupted" for a kill signal turned exception) and `error` for results.json."""
-    status = "failed" if isinstance(err, Exception) else "interrupted"
-    err = user_error(err) or err
-    return {"status": status, "error": f"{type(err).__name__}: {err}"}
-
-
-@contextmanager
-def failure_recorded(results_path: Path, cfg: DictConfig) -> Iterator[None]:
-    """If the run raises before it wrote a results.json, write one with the status and the error, so
-    every job of a sweep leaves a record. An existing results.json (written by this run's task loop, or
-    by another run in the same directory) is never touched here."""
-    try:
-        yield
-    except BaseException as err:
-        from lightning.fabric.utilities.rank_zero import rank_zero_only
-
-        if not Path(results_path).exists() and getattr(rank_zero_only, "rank", 0) == 0:
-            try:
-                config = OmegaConf.to_container(cfg, resolve=True)
-            except Exception:
-                config = None
-            choices = hydra_choices()
-            write_json(results_path, {**failure_fields(err), "tasks_completed": 0, "accuracy_matrix": [],
-                                      "n_tasks": cfg.scenario.n_tasks, "seed": cfg.seed,
-                                      **{k: choices.get(k) for k in ("method", "dataset", "backbone")},
-                                      "config": config})
-        raise
-
-
-# --- a run directory holds one run --------------------------------------------------------------------
-#: what a run writes into its directory (cleared by `overwrite=true`; nothing else there is touched)
-RUN_OUTPUTS = ("results.json", "checkpoints", "logs", "inversion", "accuracy_matrix.png", "wandb",
-               "lightning_logs", ".hydra_original")
-HYDRA_RECORD = ".hydra_original"  # the .hydra files of the run's first start
-
-
-def holds_a_run(run_dir: Path) -> bool:
-    """A checkpoint, or a results.json with at least one finished task (a failed start records none)."""
-    if checkpoints(run_dir):
-        return True
-    path = Path(run_dir) / "results.json"
-    if not path.is_file():
-        return False
-    try:
-        return int(json.loads(path.read_text()).get("tasks_completed", 0)) > 0
-    except (ValueError, OSError):
-        return True  # unreadable: treat as a run, never overwrite it silently
-
-
-def claim_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Refuse a fresh start in a directory that holds a run (its later checkpoints would mix with ours);
-    `overwrite=true` clears what a run writes there first."""
-    run_dir = Path(run_dir)
-    if holds_a_run(run_dir):
-        if not overwrite:
-            raise ConfigError(f"{run_dir} already holds a run (results.json / checkpoints); continue it with "
-                              "resume=true, start it over with overwrite=true, or pick another hydra.run.dir")
-        for name in RUN_OUTPUTS:
-            path = run_dir / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-        log.info(f"overwrite=true: cleared the previous run's outputs in {run_dir}")
-    keep_hydra_record(run_dir)
-
-
-def keep_hydra_record(run_dir: Path) -> None:
-    """Copy this start's `.hydra/` to `.hydra_original/` (what `restore_hydra_record` puts back)."""
-    source, target = Path(run_dir) / ".hydra", Path(run_dir) / HYDRA_RECORD
-    if not source.is_dir():
-        return
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.replace(target)
-
-
-def restore_hydra_record(run_dir: Path) -> None:
-    """A refused start (config differs, directory taken, bad input) must not leave its own config as the
-    record of the run in that directory: Hydra wrote `.hydra/` before the run began; put the original back."""
-    record, hydra_dir = Path(run_dir) / HYDRA_RECORD, Path(run_dir) / ".hydra"
-    if not record.is_dir():
-        return
-    for path in record.iterdir():
-        tmp = hydra_dir / (path.name + ".tmp")
-        shutil.copyfile(path, tmp)
-        tmp.replace(hydra_dir / path.name)
 
 
 # --- random state at a task boundary -------------------------------------------------------------------

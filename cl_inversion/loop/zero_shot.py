@@ -1,9 +1,9 @@
 """Zero-shot retention: how much pre-trained (image-text) knowledge survives continual training.
 
-For a backbone with a text tower (CLIP), `record_zero_shot` appends to `results["zero_shot_accuracy"]`
+For a backbone with a text tower (CLIP), `ZeroShotRetention` records in results.json `zero_shot_accuracy`:
 the accuracy of CLIP's zero-shot classifier — text embeddings of the held-out class names, never the
 trained head — on the test data of the held-out classes (`scenario.holdout_classes`, which no task
-trains). The task loop calls it before the first task (index 0) and after every task.
+trains), before the first task (index 0) and after every task's evaluation.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from cl_inversion.loop.hooks import ContinualCallback, Student, TaskContext
 from cl_inversion.nn_utils import eval_mode
 
 log = logging.getLogger("cl_inversion")
@@ -34,11 +35,40 @@ def zero_shot_accuracy(backbone: nn.Module, loader: DataLoader, class_names: lis
     return 100.0 * correct / max(total, 1)
 
 
+def embeds_text(backbone: nn.Module) -> bool:
+    """A backbone with a text tower (CLIP): zero-shot retention can be measured."""
+    return hasattr(backbone, "text_embeddings")
+
+
+class ZeroShotRetention(ContinualCallback):
+    """The loop's zero-shot measurement (built for backbones that `embeds_text`); its list is checkpointed."""
+
+    acts_between_tasks = False
+
+    def __init__(self, scenario: Any, batch_size: int) -> None:
+        self.scenario, self.batch_size = scenario, batch_size
+        self.record: dict[str, Any] = {}
+
+    def before_task(self, student: Student, context: TaskContext) -> None:
+        if context.task == 0:  # the pre-trained model's accuracy, before any training
+            record_zero_shot(self.record, student.net.backbone, self.scenario, self.batch_size, context.device)
+
+    def after_evaluation(self, student: Student, context: TaskContext) -> None:
+        record_zero_shot(self.record, student.net.backbone, self.scenario, self.batch_size, context.device)
+
+    def results(self) -> dict[str, Any]:
+        return dict(self.record)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"record": self.record}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.record = state["record"]
+
+
 def record_zero_shot(results: dict[str, Any], backbone: nn.Module, scenario: Any, batch_size: int,
                      device: torch.device) -> None:
-    """Append one zero-shot accuracy (None without held-out classes) for backbones that embed text."""
-    if not hasattr(backbone, "text_embeddings"):
-        return
+    """Append one zero-shot accuracy (None without held-out classes) to `results`."""
     results["zero_shot_classes"] = list(scenario.holdout_classes)
     accuracies = results.setdefault("zero_shot_accuracy", [])
     if not scenario.holdout_labels:

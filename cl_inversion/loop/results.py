@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from cl_inversion.metrics import SUMMARY_KEYS, Evaluation, summary
+from cl_inversion.loop.metrics import SUMMARY_KEYS, Evaluation, summary
 
 #: fields written only once they have a value (a run that has not finished a task has no wall time)
 OPTIONAL = ("wall_s", "carried_state_bytes", "error")
