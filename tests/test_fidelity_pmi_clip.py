@@ -536,8 +536,8 @@ def test_train_open_set_equals_the_reference_loop():
     before = {k: p.clone() for k, p in ours.net.named_parameters() if is_expert_parameter(k)}
     torch.manual_seed(4)
     pool, labels = torch.randn(7, 64, 4, 4), torch.arange(7) % 5 + 5
-    for m, train in ((ours, lambda: ours.train_open_set(pool, labels)),
-                     (ref, lambda: reference_openset_training(ref, pool, labels, ref.open_batch_size, OPEN_SET))):
+    for train in (lambda: ours.train_open_set(pool, labels),
+                  lambda: reference_openset_training(ref, pool, labels, ref.open_batch_size, OPEN_SET)):
         torch.manual_seed(5)
         np.random.seed(5)
         train()
