@@ -514,7 +514,8 @@ class PerLayerInversion(EngineBase):
         + `bn_weight`·Σ KL(residual-block inputs ‖ data) + `input_tv_weight`·TV(u), cosine lr."""
         blocks = list(teacher.backbone.blocks())
         tail, grid = blocks[self.start_block :], u.shape[-1]
-        residual = [(k, b) for k, b in enumerate(blocks) if attention_and_mlp(b)]
+        # the residual blocks the tail runs (all of them from the reference's start blocks, which precede them)
+        residual = [(k, b) for k, b in enumerate(blocks) if k >= self.start_block and attention_and_mlp(b)]
         stats = [self.token_stats.model[("input", k)].stats() for k, _ in residual]
         progress = SynthesisProgress(self.full_steps, "PMI full-model (ViT)", self.stats, self.log_every,
                                      self.progress, engine=self.name, hint=HINT)
