@@ -492,7 +492,7 @@ class PerLayerInversion(EngineBase):
                         start, target, forward, hooks, prior, self.start_steps if first else self.layer_steps,
                         lambda _, lr=(self.start_lr if first else self.layer_lr) * lr_scale: lr, weight, weight,
                         shares[k], progress, {"block": k}, keep_best=self.keep_best if first else True,
-                        upsample_at=self.start_upsample if first else (), upsample_cap=grid)
+                        upsample_at=self.start_upsample if first and len(shape) == 3 else (), upsample_cap=grid)
                 with torch.no_grad():
                     self.block_losses.insert(0, (float(first_mse), float(F.mse_loss(forward(u), target))))
                 target = u
@@ -531,10 +531,11 @@ class PerLayerInversion(EngineBase):
                 return lr * (1 + math.cos(math.pi * step / self.cosine_period)) / 2
             return full_phase_lr(step, lr, self.warmup, self.milestones, self.lr_decay)
 
+        tv_weight = self.input_tv_weight if u.dim() == 4 else 0.0  # TV of a patch grid; tokens have none
         try:
             with StatisticHooks([b for _, b in residual], stats) as hooks:
                 x, _, _ = self.optimise(u, targets, forward, hooks, None, self.full_steps, lr_at, self.bn_weight,
-                                        self.bn_weight, 1.0, progress, {}, tv_weight=self.input_tv_weight,
+                                        self.bn_weight, 1.0, progress, {}, tv_weight=tv_weight,
                                         keep_best=self.keep_best)
         finally:
             progress.close()
