@@ -19,6 +19,10 @@ on real test images — at each arm's end and at the point where it first meets 
 Last output line: one JSON object.
 
     python -m benchmarks.inversion_speed [--quick] [--dataset digits|cifar10] [--teacher cnn|vit]
+
+`--vit-per-layer add|only` (ViT teacher): also (or only) PMI's CLIP per-block inversion, the `vit_per_layer`
+engine (data statistics, `start_block`, ...; `--vit-set key=value` overrides its settings) run on the same
+teacher: its per-block reconstruction errors and seconds of synthesis per class, under the key `vit_per_layer`.
 """
 
 from __future__ import annotations
@@ -215,6 +219,48 @@ def feature_error(teacher, images, targets) -> float:
         return float((teacher.features(images) - targets).pow(2).mean() / targets.pow(2).mean())
 
 
+def vit_per_layer_arm(overrides: list[str], settings: dict[str, Any], teacher, bundle, train_sample,
+                      classes: list[int]) -> dict[str, Any]:
+    """PMI's ViT per-block inversion (`conf/inversion/engine/vit_per_layer.yaml` + the profile's budget,
+    `settings` over it) directly on the teacher: block statistics and feature model from the real sample (timed
+    apart), then one synthesis of `per_class` pool entries (inputs of block `start_block`) per class. Block
+    errors: the engine's reconstruction MSE of each block (first step, kept iterate), image-weighted over its
+    layer batches; the pool's features after the full-model phase against their targets."""
+    cfg = compose([*overrides, "inversion/engine=vit_per_layer"]).inversion.vit_per_layer
+    engine = instantiate(cfg, progress=False, **settings)
+    engine.setup(bundle.image_shape, bundle.pixel_range())
+    torch.manual_seed(1)
+    began = time.perf_counter()
+    engine.observe(teacher, train_sample, None, None)
+    observe_s = time.perf_counter() - began
+    began = time.perf_counter()
+    with frozen_eval(teacher):
+        pool, labels = engine.synthesize(teacher, classes, 0)
+    synthesis_s = time.perf_counter() - began
+    blocks = list(teacher.backbone.blocks())
+    per_batch = len(blocks) - engine.start_block
+    sizes = [min(engine.layer_batch, len(labels) - i) for i in range(0, len(labels), engine.layer_batch)]
+    losses = torch.tensor(engine.block_losses).view(len(sizes), per_batch, 2)  # last layer batch first
+    weights = torch.tensor(sizes[::-1], dtype=torch.float).view(-1, 1, 1)
+    first, kept = ((losses * weights).sum(0) / weights.sum()).T.tolist()
+    with torch.no_grad(), frozen_eval(teacher):
+        x = pool
+        for block in blocks[engine.start_block :]:
+            x = block(x)
+        targets = engine.last_targets
+        relative = float((x - targets).pow(2).mean() / targets.pow(2).mean())
+        correct = float((teacher.head(x).argmax(1) == labels).float().mean())
+    return {"engine": "vit_per_layer", "settings": {k: cfg[k] for k in (
+                "statistics", "start_block", "layer_steps", "start_steps", "full_steps", "per_class", "layer_batch",
+                "batch_size", "lr", "layer_lr", "start_lr", "bn_weight", "input_tv_weight")} | settings,
+            "n_blocks": len(blocks), "pool_shape": list(pool.shape), "n_images": len(labels),
+            "block_mse": {str(engine.start_block + i): {"first": f, "kept": k}
+                          for i, (f, k) in enumerate(zip(first, kept))},
+            "feature_relative_error": relative, "teacher_accuracy": 100.0 * correct,
+            "observe_s": observe_s, "synthesis_s": synthesis_s, "seconds_per_class": synthesis_s / len(classes),
+            "passes": engine.stats.full_model_passes}
+
+
 def distill(teacher, student, images: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, *, steps: int,
             batch: int = 64, lr: float = 1e-3, temperature: float = 4.0, jitter: int = 0, flip: bool = False,
             seed: int = 0) -> float:
@@ -266,6 +312,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--pmi-set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a per_layer engine setting of the dataset's config (repeatable), "
                              "e.g. --pmi-set full_steps=60 --pmi-set bn_loss=norm")
+    parser.add_argument("--vit-per-layer", choices=("add", "only"), default=None,
+                        help="ViT teacher: also (add) or only run PMI's CLIP per-block engine (vit_per_layer)")
+    parser.add_argument("--vit-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a vit_per_layer setting (repeatable), e.g. --vit-set start_block=2")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -306,6 +356,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     test_pick = torch.randperm(len(bundle.test), generator=torch.Generator().manual_seed(0))
     test_pick = test_pick[: args.test_images or TEST_IMAGES[quick]]
     test_x, test_y = plain(bundle.test, test_pick), bundle.test.targets[test_pick]
+
+    vit_arm = None
+    if args.vit_per_layer:
+        vit_settings = {key: yaml.safe_load(value) for key, _, value in (i.partition("=") for i in args.vit_set)}
+        vit_arm = vit_per_layer_arm(overrides, vit_settings, teacher, bundle, train_sample, classes)
+        say(f"vit_per_layer done: {vit_arm['seconds_per_class']:.1f} s per class")
+        if args.vit_per_layer == "only":
+            result = {"dataset": dataset, "teacher": args.teacher, "quick": args.quick,
+                      "threads": torch.get_num_threads(), "teacher_info": teacher_info, "vit_per_layer": vit_arm}
+            print(json.dumps(result))
+            return result
 
     torch.manual_seed(1)
     # the engines as the framework builds them for this dataset, same batch
@@ -431,6 +492,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             "layer_lr": pmi.layer_lr, **pmi_args}},
         "notes": sorted(set(di.stats.notes + pmi.stats.notes)),
     }
+    if vit_arm is not None:
+        result["vit_per_layer"] = vit_arm
     if args.verbose:
         for name, (watch, _) in arms.items():
             for point in watch.curve[:: max(1, len(watch.curve) // 8)] + watch.curve[-1:]:

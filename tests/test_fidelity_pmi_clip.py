@@ -76,11 +76,11 @@ def test_zero_initialised_experts_leave_clip_unchanged_and_only_experts_train():
     assert trainable and all(is_expert_parameter(n) for n in trainable)
 
 
-def method_at_second_task(start_block: int = 1) -> MoEAdapter:
+def method_at_second_task(start_block: int = 1, router_noise: bool = True, **options) -> MoEAdapter:
     sc = ClassIncrementalScenario(digits(), n_tasks=2)
     torch.manual_seed(0)
-    m = MoEAdapter(IncrementalClassifier(MoEClipBackbone("clip_tiny", in_channels=1)), optimizer=None,
-                   start_block=start_block)
+    m = MoEAdapter(IncrementalClassifier(MoEClipBackbone("clip_tiny", in_channels=1, router_noise=router_noise)),
+                   optimizer=None, start_block=start_block, **options)
     m.begin_task(0, 5, sc.datamodule(0, 8))
     m.end_task(sc.datamodule(0, 8))
     m.begin_task(1, 5, sc.datamodule(1, 8))
@@ -406,3 +406,154 @@ def test_pmi_clip_openset_preset_carries_the_reference_config(compose):
     o, e = cfg.method.open_set, cfg.inversion.vit_per_layer.open_set
     assert (o.lr, o.epochs, o.ce_scale, o.hkd_scale, o.tkd_scale, o.ft_scale) == (0.0005, 1, 1.0, 0.0, 0.0, 0.001)
     assert (e.per_class, e.top_k, e.shift, e.bn_weight, e.input_tv_weight) == (20, 5, 0.1, 0.02, 0.0)
+
+
+OPEN_SET = {"lr": 0.01, "epochs": 2, "repeat": 10, "warmup_steps": 4, "ce_scale": 1.0, "hkd_scale": 0.1,
+            "tkd_scale": 0.2, "ft_scale": 0.5}  # every term weighted, so that each one shows
+
+
+def encode_text(model, prompts, tok):
+    """`encode_text(tokenizer(prompts), normalize=True)`."""
+    return F.normalize(model.encode_text(tok(prompts)), dim=-1)
+
+
+def reference_open_set_terms(m, inputs, targets, mem_sp, mem_lab, o):
+    """One step of `openset_training` (start_block 1, prv_ft 0, ft_balance 0, label_smoothing 0): its terms
+    and its summed loss (the code backpropagates each term, scaled, into the same gradients)."""
+    model, prv, tok, texts, n_old = m.net.head.text, m.previous, m.net.head.tokenizer.fn, m.net.head.prompts, m.n_old
+    n_total = len(texts)
+    alpha = math.log((n_total - n_old) / 2 + 1, 2)
+    beta = math.sqrt(n_old / (n_total - n_old))
+    ce_factor, hkd_factor = o["ce_scale"] * (1 + 1 / alpha) / beta, o["hkd_scale"] * alpha * beta
+    tkd_factor, ft_factor = o["tkd_scale"] * alpha * beta, o["ft_scale"]
+    cur_fi = reference_visual_from_block_1(m.net.backbone.visual, inputs)
+    cur_ft = encode_text(model, texts[n_old:], tok)
+    logit_scale = model.logit_scale.exp()
+    loss_ce = F.cross_entropy(logit_scale * cur_fi @ cur_ft.t(), targets.long() - n_old)
+    old_ft = encode_text(model, texts[:n_old], tok)
+    old_fi = reference_visual_from_block_1(m.net.backbone.visual, mem_sp)
+    teacher_fi = reference_visual_from_block_1(prv.backbone.visual, mem_sp).detach()
+    loss_hkd = F.l1_loss(logit_scale * old_fi @ old_ft.t(), logit_scale * teacher_fi @ old_ft.t())
+    student_ft = encode_text(model, texts[:n_old], tok)
+    teacher_ft = encode_text(prv.head.text, texts[:n_old], tok).detach()
+    loss_tkd = F.l1_loss(student_ft, teacher_ft)
+    ft_old_fi = reference_visual_from_block_1(m.net.backbone.visual, mem_sp).detach()
+    all_ft = encode_text(model, texts, tok)
+    loss_ft_old = F.cross_entropy(logit_scale * ft_old_fi @ all_ft.t(), mem_lab)
+    ft_new_fi = reference_visual_from_block_1(m.net.backbone.visual, inputs).detach()
+    loss_ft_new = F.cross_entropy(logit_scale * ft_new_fi @ encode_text(model, texts, tok).t(), targets)
+    total = (ce_factor * loss_ce + hkd_factor * loss_hkd + tkd_factor * loss_tkd
+             + ft_factor * loss_ft_old + ft_factor * loss_ft_new)
+    return {"ce": loss_ce, "hkd": loss_hkd, "tkd": loss_tkd, "ft_old": loss_ft_old, "ft_new": loss_ft_new,
+            "loss": total}
+
+
+class ReferenceBuffer:
+    """`SimpleReplayDataset.get_batch` without transforms: `size` entries drawn with `np.random.randint`."""
+
+    def __init__(self, samples, labels):
+        self.mem_sps, self.mem_labs = samples, labels
+
+    def sample(self, size):
+        rand_ids = np.random.randint(low=0, high=len(self.mem_sps), size=[size])
+        return (torch.stack([self.mem_sps[int(i)] for i in rand_ids]),
+                torch.tensor([int(self.mem_labs[int(i)]) for i in rand_ids], dtype=torch.long))
+
+
+class RandomDataset(torch.utils.data.Dataset):
+    """The code's `RandomDataset` (transforms None): the samples ten times over."""
+
+    def __init__(self, samples, labels):
+        self.samples, self.labels = samples, labels
+
+    def __len__(self):
+        return len(self.samples) * 10
+
+    def __getitem__(self, index):
+        idx = index % len(self.samples)
+        return self.samples[idx], int(self.labels[idx])
+
+
+def reference_cosine_lr(optimizer, base_lr, warmup_length, steps, step):
+    """MoE-Adapters4CL `cosine_lr`'s adjuster at `step` (`_warmup_lr`, then the cosine)."""
+    if step < warmup_length:
+        lr = base_lr * (step + 1) / warmup_length
+    else:
+        lr = 0.5 * (1 + np.cos(np.pi * (step - warmup_length) / (steps - warmup_length))) * base_lr
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def reference_openset_training(m, pool, labels, batch_size, o):
+    """`openset_training`'s loop: AdamW over the experts, `cosine_lr(open_lr, 30→warmup, 3 · len(loader))` at each
+    iteration (counted across epochs), a shuffled `DataLoader(RandomDataset, batch_size, drop_last=False)`, and
+    the network in eval mode (the epoch's `eval_task` before its steps: no dropout)."""
+    params = [p for k, p in m.net.named_parameters() if is_expert_parameter(k)]
+    optimizer = torch.optim.AdamW(params, lr=o["lr"], weight_decay=0.0)
+    train_loader = torch.utils.data.DataLoader(RandomDataset(list(pool), labels.numpy()), batch_size=batch_size,
+                                               shuffle=True, drop_last=False)
+    m.net.eval()
+    for epoch in range(o["epochs"]):
+        for iteration, (inputs, targets) in enumerate(train_loader, start=len(train_loader) * epoch):
+            reference_cosine_lr(optimizer, o["lr"], o["warmup_steps"], 3 * len(train_loader), iteration)
+            mem_sp, mem_lab = m.replay.sample(inputs.shape[0])
+            optimizer.zero_grad()
+            reference_open_set_terms(m, inputs, targets, mem_sp, mem_lab, o)["loss"].backward()
+            optimizer.step()
+
+
+def open_set_pair():
+    """Two equal learners at the second task with the open-set options, router noise off, the same replay."""
+    pair = [method_at_second_task(router_noise=False, open_set=OPEN_SET) for _ in range(2)]
+    torch.manual_seed(2)
+    u, uy = torch.randn(9, 64, 4, 4), torch.arange(9) % 5
+    for m in pair:
+        m.receive_replay(ReferenceBuffer(u, uy))
+    return pair
+
+
+def test_open_set_loss_equals_the_reference_step():
+    """`openset_training`'s terms and weights (change_factor on CE, HKD, TKD; FT as given) on identical tensors."""
+    m, _ = open_set_pair()
+    m.net.eval()
+    pool, y = torch.randn(6, 64, 4, 4), torch.arange(6) % 5 + 5
+    np.random.seed(3)
+    ours = m.open_set_loss(pool, y)
+    np.random.seed(3)
+    mem_sp, mem_lab = m.replay.sample(len(y))
+    with torch.no_grad():
+        ref = reference_open_set_terms(m, pool, y, mem_sp, mem_lab, OPEN_SET)
+    for name, value in ref.items():
+        assert torch.allclose(ours[name], value, atol=1e-5), name
+    assert all(ref[k] > 0 for k in ("hkd", "tkd", "ft_old", "ft_new"))
+
+
+def test_train_open_set_equals_the_reference_loop():
+    """`train_open_set` against `openset_training`'s loop written out, same seeds: the same batches (the code's
+    shuffled loader over the pool ×10), replay draws, warm-up cosine and AdamW steps give the same experts; with
+    the adapters' dropout on, as the code trains (its network left in eval mode), they would not."""
+    ours, ref = open_set_pair()
+    before = {k: p.clone() for k, p in ours.net.named_parameters() if is_expert_parameter(k)}
+    torch.manual_seed(4)
+    pool, labels = torch.randn(7, 64, 4, 4), torch.arange(7) % 5 + 5
+    for train in (lambda: ours.train_open_set(pool, labels),
+                  lambda: reference_openset_training(ref, pool, labels, ref.open_batch_size, OPEN_SET)):
+        torch.manual_seed(5)
+        np.random.seed(5)
+        train()
+    trained = dict(ref.net.named_parameters())
+    for name, p in ours.net.named_parameters():
+        if is_expert_parameter(name):
+            assert torch.allclose(p, trained[name], atol=1e-4), name  # Adam on float32 sums in another order
+    assert any(not torch.allclose(p, before[k]) for k, p in ours.net.named_parameters() if k in before)
+
+
+def test_open_set_mode_keeps_router_noise_and_drops_dropout():
+    m = method_at_second_task()
+    m.open_set_mode()
+    block = m.net.backbone.visual.transformer.resblocks[0]
+    x = torch.randn(3, 17, 64)
+    torch.manual_seed(0)
+    assert not torch.equal(block.gates(x[:, 0]), block.gates(x[:, 0]))  # noisy gates, as `set_is_train(True)`
+    adapter = block.adapters[0]
+    assert not adapter.training and torch.equal(adapter(x), adapter(x))  # no dropout, as after `eval_task`

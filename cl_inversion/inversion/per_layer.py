@@ -498,7 +498,7 @@ class PerLayerInversion(EngineBase):
                         start, target, forward, hooks, prior, self.start_steps if first else self.layer_steps,
                         lambda _, lr=(self.start_lr if first else self.layer_lr) * lr_scale: lr, weight, weight,
                         shares[k], progress, {"block": k}, keep_best=self.keep_best if first else True,
-                        upsample_at=self.start_upsample if first else (), upsample_cap=grid)
+                        upsample_at=self.start_upsample if first and len(shape) == 3 else (), upsample_cap=grid)
                 with torch.no_grad():
                     self.block_losses.insert(0, (float(first_mse), float(F.mse_loss(forward(u), target))))
                 target = u
@@ -520,7 +520,8 @@ class PerLayerInversion(EngineBase):
         + `bn_weight`·Σ KL(residual-block inputs ‖ data) + `input_tv_weight`·TV(u), cosine lr."""
         blocks = list(teacher.backbone.blocks())
         tail, grid = blocks[self.start_block :], u.shape[-1]
-        residual = [(k, b) for k, b in enumerate(blocks) if attention_and_mlp(b)]
+        # the residual blocks the tail runs (all of them from the reference's start blocks, which precede them)
+        residual = [(k, b) for k, b in enumerate(blocks) if k >= self.start_block and attention_and_mlp(b)]
         stats = [self.token_stats.model[("input", k)].stats() for k, _ in residual]
         progress = SynthesisProgress(self.full_steps, "PMI full-model (ViT)", self.stats, self.log_every,
                                      self.progress, engine=self.name, hint=HINT)
@@ -536,10 +537,11 @@ class PerLayerInversion(EngineBase):
                 return lr * (1 + math.cos(math.pi * step / self.cosine_period)) / 2
             return full_phase_lr(step, lr, self.warmup, self.milestones, self.lr_decay)
 
+        tv_weight = self.input_tv_weight if u.dim() == 4 else 0.0  # TV of a patch grid; tokens have none
         try:
             with StatisticHooks([b for _, b in residual], stats) as hooks:
                 x, _, _ = self.optimise(u, targets, forward, hooks, None, self.full_steps, lr_at, self.bn_weight,
-                                        self.bn_weight, 1.0, progress, {}, tv_weight=self.input_tv_weight,
+                                        self.bn_weight, 1.0, progress, {}, tv_weight=tv_weight,
                                         keep_best=self.keep_best)
         finally:
             progress.close()

@@ -28,11 +28,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 
 from cl_inversion.errors import ConfigError
 from cl_inversion.methods.inversion_student import InversionStudent
 from cl_inversion.methods.pmi import pmi_loss_factors
-from cl_inversion.models.moe_clip import MoEClipBackbone, PromptHead, is_expert_parameter
+from cl_inversion.models.moe_clip import Adapter, MoEClipBackbone, PromptHead, is_expert_parameter
 
 
 def warmup_cosine(step: int, warmup: int, steps: int) -> float:
@@ -148,24 +149,43 @@ class MoEAdapter(InversionStudent):
         total = f["ce"] * ce + f["hkd"] * terms["hkd"] + f["tkd"] * terms["tkd"]
         return {"loss": total + f["ft"] * (terms["ft_old"] + terms["ft_new"]), **terms}
 
+    def open_set_mode(self) -> None:
+        """The modes `openset_training` trains in: its per-epoch `eval_task` leaves the network in eval mode and
+        `set_is_train(True)` turns the router noise back on, so the experts' dropout is off, the noise on."""
+        self.net.train()
+        for module in self.net.modules():
+            if isinstance(module, Adapter):
+                module.eval()
+
     def train_open_set(self, pool: Tensor, labels: Tensor) -> None:
         """`openset_training`: AdamW over the experts (`lr`), `cosine_lr` (`warmup_steps`, over 3 epochs' steps:
-        the code's constant), `epochs` passes over the pool repeated `repeat` times (`RandomDataset`), shuffled,
-        batches of the dataset's `batch_size`, last batch kept."""
+        the code's constant), `epochs` passes over the pool repeated `repeat` times (`RandomDataset`), shuffled
+        by a `DataLoader` as the code's, batches of the dataset's `batch_size`, last batch kept; the network in
+        `open_set_mode`."""
         o, device = self.open_set, next(self.net.parameters()).device
         optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=o["lr"], weight_decay=self.weight_decay)
-        size = len(labels) * o["repeat"]
-        n_batches = math.ceil(size / self.open_batch_size)
-        self.net.train()
+        loader = DataLoader(RepeatedPool(pool, labels, o["repeat"]), batch_size=self.open_batch_size, shuffle=True)
+        self.open_set_mode()
         for epoch in range(o["epochs"]):
-            order = torch.randperm(size) % len(labels)
-            for i in range(n_batches):
-                factor = warmup_cosine(n_batches * epoch + i, o["warmup_steps"], 3 * n_batches)
+            for i, (u, y) in enumerate(loader):
+                factor = warmup_cosine(len(loader) * epoch + i, o["warmup_steps"], 3 * len(loader))
                 for group in optimizer.param_groups:
                     group["lr"] = o["lr"] * factor
-                idx = order[i * self.open_batch_size : (i + 1) * self.open_batch_size]
-                terms = self.open_set_loss(pool[idx].to(device), labels[idx].to(device))
+                terms = self.open_set_loss(u.to(device), y.to(device))
                 optimizer.zero_grad()
                 terms["loss"].backward()
                 optimizer.step()
         self.net.eval()
+
+
+class RepeatedPool(Dataset):
+    """`RandomDataset`: the pool `repeat` times over, entry i being pool[i mod its size]."""
+
+    def __init__(self, pool: Tensor, labels: Tensor, repeat: int) -> None:
+        self.pool, self.labels, self.repeat = pool, labels.long(), repeat
+
+    def __len__(self) -> int:
+        return len(self.labels) * self.repeat
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.pool[index % len(self.labels)], self.labels[index % len(self.labels)]

@@ -56,27 +56,28 @@ class MoEBlock(nn.Module):
     """An open_clip `ResidualAttentionBlock` (batch-first) with the reference's experts added beside its MLP.
 
     The router sees the first token after attention; noise is added while the block is in training mode
-    (the reference's `is_train`, which its learner sets for the student during training only). The experts run
+    (the reference's `is_train`, which its learner sets for the student during training only; `noisy=False`
+    turns it off, e.g. to compare training loops term by term). The experts run
     densely and are weighted by the gates: the reference's `SparseDispatcher` gives each expert the rows whose
     gate is non-zero, the same sum.
     """
 
     def __init__(self, block: nn.Module, experts: int = 2, top_k: int = 2, bottleneck: int = 64,
-                 dropout: float = 0.1, scale: float = 0.1, noise_epsilon: float = 1e-2) -> None:
+                 dropout: float = 0.1, scale: float = 0.1, noise_epsilon: float = 1e-2, noisy: bool = True) -> None:
         super().__init__()
         self.block = block
         width = block.ln_1.normalized_shape[0]
         self.adapters = nn.ModuleList(Adapter(width, bottleneck, dropout, scale) for _ in range(experts))
         self.router = nn.Parameter(torch.zeros(width, experts))
         self.noise = nn.Parameter(torch.zeros(width, experts))
-        self.top_k, self.noise_epsilon = top_k, noise_epsilon
+        self.top_k, self.noise_epsilon, self.noisy = top_k, noise_epsilon, noisy
 
     def get_weight_dtype(self) -> torch.dtype:
         return self.block.get_weight_dtype()
 
     def gates(self, first_token: Tensor) -> Tensor:
         logits = first_token @ self.router.to(first_token)
-        if self.training:
+        if self.training and self.noisy:
             std = F.softplus(first_token @ self.noise.to(first_token)) + self.noise_epsilon
             logits = logits + torch.randn_like(logits) * std
         return top_k_gates(logits, self.top_k)
@@ -153,7 +154,8 @@ class MoEClipBackbone(Backbone):
 
     def __init__(self, model_name: str, pretrained: str | None = None, precision: str = "fp32",
                  in_channels: int = 3, experts: int = 2, top_k: int = 2, bottleneck: int = 64,
-                 adapter_dropout: float = 0.1, adapter_scale: float = 0.1, cache_dir: str | None = None) -> None:
+                 adapter_dropout: float = 0.1, adapter_scale: float = 0.1, router_noise: bool = True,
+                 cache_dir: str | None = None) -> None:
         super().__init__()
         import open_clip
 
@@ -170,7 +172,7 @@ class MoEClipBackbone(Backbone):
                               "transformer text towers")
         model.requires_grad_(False)
         options = dict(experts=experts, top_k=top_k, bottleneck=bottleneck, dropout=adapter_dropout,
-                       scale=adapter_scale)
+                       scale=adapter_scale, noisy=router_noise)
         add_experts(model.visual.transformer, **options)
         add_experts(model.transformer, **options)
         cfg = open_clip.get_model_preprocess_cfg(model)

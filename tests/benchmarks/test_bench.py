@@ -117,6 +117,22 @@ def test_inversion_speed_vit_teacher():
     assert any("no BatchNorm" in note for note in result["notes"])
 
 
+def test_inversion_speed_vit_per_layer_arm_alone():
+    """`--vit-per-layer only`: PMI's CLIP per-block engine on the trained ViT, tiny budgets; a reconstruction error
+    (first step, kept iterate) for each block from `start_block` up, and the seconds per class."""
+    # the start block's input is tokens here: the published upsampling (step 300) and input TV do not apply
+    tiny = ["layer_steps=3", "start_steps=302", "full_steps=2", "contrastive_epochs=2", "per_class=3",
+            "boost_rate=2", "start_block=2"]
+    result = _inversion_speed("--quick", "--teacher", "vit", "--dataset", "digits", "--teacher-epochs", "1",
+                              "--vit-per-layer", "only", *[f for item in tiny for f in ("--vit-set", item)])
+    arm = result["vit_per_layer"]
+    assert "deepinversion" not in result and arm["settings"]["statistics"] == "data"
+    assert arm["n_images"] == 30 and arm["pool_shape"][0] == 30  # 3 per class, inputs of block 2: tokens
+    assert list(arm["block_mse"]) == ["2", "3", "4", "5"]  # stem, 4 residual blocks, pool: from block 2 up
+    assert all(b["kept"] <= b["first"] for b in arm["block_mse"].values())  # blocks above the start keep their best
+    assert arm["seconds_per_class"] > 0 and arm["synthesis_s"] > 0 and arm["feature_relative_error"] > 0
+
+
 def test_synthesis_speed_reports_every_engine_and_option_ratio():
     import subprocess
     import sys
