@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cl_inversion.loop.metrics import backward_transfer
 from cl_inversion.loop.results import RunResults
 from cl_inversion.plots import accuracy_curves, accuracy_heatmap
 
@@ -90,10 +91,7 @@ def run_metric(results: RunResults, key: str) -> float | None:
     """One table number of one run (None: not defined for it, e.g. BWT of a single task)."""
     matrix = results.accuracy_matrix
     if key == "backward_transfer":
-        last = len(matrix) - 1
-        if last < 1:
-            return None
-        return sum(matrix[last][j] - matrix[j][j] for j in range(last)) / last
+        return backward_transfer(matrix) if len(matrix) > 1 else None  # undefined for a single task
     if key in ("old_class_accuracy", "new_class_accuracy"):
         return _class_group_accuracy(results, key)
     if key == "task_aware_accuracy":
