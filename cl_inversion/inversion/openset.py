@@ -65,16 +65,11 @@ def project_open_set(old_text: Tensor, new_text: Tensor, gaussians: ClassGaussia
 
 def raw_text_features(head: nn.Module, start: int, end: int) -> Tensor:
     """Normalised text features of classes start..end through the text tower without experts (pre-trained CLIP)."""
-    from cl_inversion.models.moe_clip import Adapter
+    from cl_inversion.models.moe_clip import without_experts
 
-    raw = copy.deepcopy(head)
-    with torch.no_grad():
-        for module in raw.modules():
-            if isinstance(module, Adapter):
-                module.up_proj.weight.zero_()
-                module.up_proj.bias.zero_()
-        with eval_mode(raw):
-            return raw.text_features(start, end).float().cpu()
+    raw = without_experts(copy.deepcopy(head))
+    with torch.no_grad(), eval_mode(raw):
+        return raw.text_features(start, end).float().cpu()
 
 
 class OpenSetModel:

@@ -108,7 +108,28 @@ def _check_pretrained(model_name: str, pretrained: str | None) -> str | None:
                       f"tag of {model_name} ({known}); use null for random init")
 
 
-class ClipBackbone(Backbone):
+class ClipInputs:
+    """Dataset-normalised images in, CLIP's inputs out: for a backbone with buffers `input_mean`/`input_std`
+    (the dataset's), `clip_mean`/`clip_std`, an `image_size`, an `interpolation` and an open_clip `visual`."""
+
+    def set_input_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """The dataset's per-channel mean/std, undone in `preprocess` (called when a task starts)."""
+        self.input_mean.copy_(torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.input_std.copy_(torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def preprocess(self, x: Tensor) -> Tensor:
+        """Dataset-normalised images (any size, 1 or 3 channels) → CLIP-normalised RGB at the model's size."""
+        x = x.float() * self.input_std + self.input_mean
+        if tuple(x.shape[-2:]) != self.image_size:
+            x = F.interpolate(x, size=self.image_size, mode=self.interpolation, align_corners=False,
+                              antialias=self.interpolation in ("bilinear", "bicubic"))
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = (x - self.clip_mean) / self.clip_std
+        return x.to(self.visual.conv1.weight.dtype)
+
+
+class ClipBackbone(ClipInputs, Backbone):
     """An open_clip model's image tower as a backbone; `forward(x)` returns the (unnormalised) image embedding.
 
     `blocks()` = [stem (input handling + patch embedding), residual block 1..L, pool (ln_post + projection)],
@@ -181,22 +202,6 @@ class ClipBackbone(Backbone):
             raise ConfigError(f"backbone.trainable={trainable!r} must be frozen, all, or the number of last "
                               f"visual blocks to train (0..{layers}; ln_post and the projection train too)")
 
-    # --- inputs ------------------------------------------------------------------------------------
-    def set_input_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        """The dataset's per-channel mean/std, undone in `preprocess` (called when a task starts)."""
-        self.input_mean.copy_(torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.input_std.copy_(torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-
-    def preprocess(self, x: Tensor) -> Tensor:
-        """Dataset-normalised images (any size, 1 or 3 channels) → CLIP-normalised RGB at the model's size."""
-        x = x.float() * self.input_std + self.input_mean
-        if tuple(x.shape[-2:]) != self.image_size:
-            x = F.interpolate(x, size=self.image_size, mode=self.interpolation, align_corners=False,
-                              antialias=self.interpolation in ("bilinear", "bicubic"))
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        x = (x - self.clip_mean) / self.clip_std
-        return x.to(self.visual.conv1.weight.dtype)
 
     # --- backbone interface ------------------------------------------------------------------------
     def blocks(self) -> list[nn.Module]:

@@ -23,7 +23,13 @@ from torch import Tensor, nn
 
 from cl_inversion.errors import ConfigError
 from cl_inversion.models.backbones import Backbone
-from cl_inversion.models.clip import _check_model_name, _check_pretrained, _Shared, register_clip_configs
+from cl_inversion.models.clip import (
+    ClipInputs,
+    _check_model_name,
+    _check_pretrained,
+    _Shared,
+    register_clip_configs,
+)
 
 
 class Adapter(nn.Module):
@@ -50,6 +56,16 @@ def top_k_gates(logits: Tensor, k: int) -> Tensor:
     """Softmax over each row's k largest logits, zero elsewhere (`noisy_top_k_gating`'s `gates`)."""
     top, index = logits.topk(min(k, logits.shape[1]), dim=1)
     return torch.zeros_like(logits).scatter(1, index, torch.softmax(top, dim=1))
+
+
+@torch.no_grad()
+def without_experts(model: nn.Module) -> nn.Module:
+    """`model` with every expert's `up_proj` zeroed in place: the experts add nothing (pre-trained CLIP)."""
+    for module in model.modules():
+        if isinstance(module, Adapter):
+            module.up_proj.weight.zero_()
+            module.up_proj.bias.zero_()
+    return model
 
 
 class MoEBlock(nn.Module):
@@ -141,7 +157,7 @@ class ClassTokenPool(nn.Module):
         return out / (out.norm(dim=-1, keepdim=True) + 1e-6) if self.normalize else out
 
 
-class MoEClipBackbone(Backbone):
+class MoEClipBackbone(ClipInputs, Backbone):
     """open_clip's image tower with experts in every block; `forward(x)` is the unnormalised image embedding.
 
     Inputs are dataset-normalised images, as for `ClipBackbone` (undone, resized, CLIP-normalised inside).
@@ -196,27 +212,7 @@ class MoEClipBackbone(Backbone):
         """A copy whose experts add nothing (every `up_proj` zero): the model before any training."""
         import copy
 
-        twin = copy.deepcopy(self)
-        with torch.no_grad():
-            for module in twin.modules():
-                if isinstance(module, Adapter):
-                    module.up_proj.weight.zero_()
-                    module.up_proj.bias.zero_()
-        return twin
-
-    def set_input_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.input_mean.copy_(torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.input_std.copy_(torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-
-    def preprocess(self, x: Tensor) -> Tensor:
-        """Dataset-normalised images → CLIP-normalised RGB at the model's size (as `ClipBackbone.preprocess`)."""
-        x = x.float() * self.input_std + self.input_mean
-        if tuple(x.shape[-2:]) != self.image_size:
-            x = F.interpolate(x, size=self.image_size, mode=self.interpolation, align_corners=False,
-                              antialias=self.interpolation in ("bilinear", "bicubic"))
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        return ((x - self.clip_mean) / self.clip_std).to(self.visual.conv1.weight.dtype)
+        return without_experts(copy.deepcopy(self))
 
     #: the last block's output L2-normalised when `blocks()` is not told (an inversion runner's `normalize`)
     normalize_output: bool = False
