@@ -57,6 +57,29 @@ def batch_moments(x: Tensor, shift: Tensor | None = None) -> tuple[Tensor, Tenso
     return mean, var.clamp_min(0.0)
 
 
+class InputHooks:
+    """Forward hooks keeping the latest input of each of `modules` (`inputs[i]`); removed on leaving a `with`."""
+
+    def __init__(self, modules: Sequence[nn.Module]) -> None:
+        self.inputs: list[Tensor | None] = [None] * len(modules)
+        self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(modules)]
+
+    def _hook(self, index: int):
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            self.inputs[index] = inputs[0]
+        return hook
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 class BNStatistics:
     """Forward hooks on every BatchNorm layer of a network, comparing the statistics of the batch that
     enters the layer with the layer's running statistics (what the network saw on real data).

@@ -61,6 +61,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from cl_inversion.errors import ConfigError
 from cl_inversion.inversion.common import (
     PRECISIONS,
+    InputHooks,
     SynthesisProgress,
     SynthesisStats,
     autocast,
@@ -106,34 +107,18 @@ def kl_to_gaussian(x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
     return r.mean() * 0.5
 
 
-class BatchNormInputs:
-    """Forward hooks keeping the input of every BatchNorm layer of `net`; `kl()` sums `kl_to_gaussian`
-    against each layer's running statistics (PMI's `register_hooks`, `hook_type='kl'`, all layers)."""
+class BatchNormInputs(InputHooks):
+    """The input of every BatchNorm layer of `net`; `kl()` sums `kl_to_gaussian` against each layer's running
+    statistics (PMI's `register_hooks`, `hook_type='kl'`, all layers)."""
 
     def __init__(self, net: nn.Module) -> None:
         self.layers = batchnorm_layers(net)
-        self.inputs: list[Tensor | None] = [None] * len(self.layers)
-        self.handles = [layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(self.layers)]
-
-    def _hook(self, index: int):
-        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            self.inputs[index] = inputs[0]
-        return hook
+        super().__init__(self.layers)
 
     def kl(self) -> Tensor:
         terms = [kl_to_gaussian(x, layer.running_mean.detach().float(), layer.running_var.detach().float())
                  for layer, x in zip(self.layers, self.inputs)]
         return torch.stack(terms).sum()
-
-    def __len__(self) -> int:
-        return len(self.layers)
-
-    def __enter__(self) -> BatchNormInputs:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self.handles:
-            handle.remove()
 
 
 def full_phase_lr(step: int, lr: float, warmup: int, milestones: Sequence[int], decay: float) -> float:

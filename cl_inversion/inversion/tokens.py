@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cl_inversion.inversion.common import InputHooks
+
 Key = tuple[str, int]
 
 
@@ -142,33 +144,17 @@ class TokenStatistics:
         self.blocks, self.model = unpack(state.get("blocks", {})), unpack(state.get("model", {}))
 
 
-class StatisticHooks:
-    """Forward hooks on `modules` keeping their inputs; `kl()` sums `position_kl(var_eps=0)` against each
-    module's statistics (`CustomBNInputHook.stats_regularization`, summed as the reference's `l_stat`)."""
+class StatisticHooks(InputHooks):
+    """The inputs of `modules`; `kl()` sums `position_kl(var_eps=0)` against each module's statistics
+    (`CustomBNInputHook.stats_regularization`, summed as the reference's `l_stat`)."""
 
     def __init__(self, modules: Sequence[nn.Module], stats: Sequence[tuple[Tensor, Tensor]]) -> None:
         self.stats = list(stats)
-        self.inputs: list[Tensor | None] = [None] * len(modules)
-        self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(modules)]
-
-    def _hook(self, index: int):
-        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            self.inputs[index] = inputs[0]
-        return hook
+        super().__init__(modules)
 
     def kl(self) -> Tensor:
         return torch.stack([position_kl(x, m.to(x.device), v.to(x.device), 0.0)
                             for x, (m, v) in zip(self.inputs, self.stats)]).sum()
-
-    def __len__(self) -> int:
-        return len(self.stats)
-
-    def __enter__(self) -> StatisticHooks:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self.handles:
-            handle.remove()
 
 
 def upsample(x: Tensor, size: int) -> Tensor:

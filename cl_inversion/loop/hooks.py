@@ -50,7 +50,6 @@ class TaskContext:
     std: tuple[float, ...]
     device: torch.device = torch.device("cpu")  # where the task trained: synthesis runs there too
     is_last: bool = False  # the sequence's last task: no next task to replay for
-    n_seen: int = 0  # classes seen so far
 
 
 class ContinualCallback(L.Callback):

@@ -199,8 +199,7 @@ class TaskLoop:
         """What the loop's hooks see of task t (its real data included)."""
         bundle = self.bundle
         return TaskContext(t, self.run_dir, self.logger, datamodule, bundle.image_shape, bundle.pixel_range(),
-                           bundle.mean, bundle.std, device, is_last=t == len(self.scenario) - 1,
-                           n_seen=self.method.n_seen)
+                           bundle.mean, bundle.std, device, is_last=t == len(self.scenario) - 1)
 
     def call_hooks(self, hook: str, context: TaskContext) -> None:
         """One of the `ContinualCallback` hooks on every such callback, then their results into results.json."""
