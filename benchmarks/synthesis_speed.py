@@ -1,42 +1,49 @@
-"""Synthesis step time per engine, its options toggled, and the step as it was before the fast path.
+"""Synthesis step time per engine, its options toggled, the compiled step, and what `compile: auto` gives a
+CIFAR preset's task boundary.
 
     python -m benchmarks.synthesis_speed [--quick] [--steps N] [--rounds R] [--batch B] [--threads T]
                                          [--engines E ...] [--compile] [--only ARM ...] [--device cuda]
 
 Teacher: ABD's CIFAR ResNet-32 (31 BN layers) at 32x32 with 10 classes, its BN running statistics set by
 a few training-mode passes over random images (no download, no trained weights: time per step does not
-depend on them). Engines, each for N steps of batch B per timed run:
+depend on them). Engines, each for N steps of batch B per timed run (B: the CIFAR presets' batch, 256 pixel /
+128 generator / 256 per_layer, unless given):
 
 * pixel     — `PixelInversion._run` (DeepInversion: CE + BN norm distance + TV, Adam on the images);
 * generator — `GeneratorInversion._train` (ABD: content + diversity + BN KL + smoothness, Adam on G);
 * per_layer — `PerLayerInversion.invert_full` (PMI's full-model phase; its per-layer phase is per block).
 
 Arms per engine, interleaved round by round in one process (shared-machine load hits all alike), the
-median of R rounds kept:
+median of R rounds kept; ratios are arm / `eager` (below 1: faster):
 
-* `default`    — the engine as configured by `conf/inversion/default.yaml`;
-* `before`     — the step as it was before the fast path: two-pass BN variance
-                 (`x.var(unbiased=False)`) and one host read of the loss every step (the old NaN guard),
-                 patched into the same engine code; its ratio is before / default;
-* `channels_last`, `bf16-mixed` — the option switched on (pixel and generator; bf16 for per_layer), the
-                 ratio option / default (below 1: faster);
-* `compile` (with `--compile`) — `compile: true` (pixel, generator), and for the generator also
-                 `compile+channels_last`; each one's first round, which compiles, is reported apart as
-                 `<arm>_warmup_s`.
+* `eager`      — the step uncompiled (`compile: false`: every engine's step before `compile: auto`);
+* `before`     — the step as it was before the fast path: two-pass BN variance (`x.var(unbiased=False)`)
+                 and one host read of the loss every step (the old NaN guard), patched into the same code;
+* `channels_last`, `bf16-mixed` — the option switched on (pixel and generator; bf16 for per_layer);
+* with `--compile`: `compiled` (`compile: true`), for the generator also `compiled+channels_last`, and on
+  CUDA `graphed` (`compile_mode: reduce-overhead`: CUDA graphs). Compiling is timed apart, cold: each
+  compiled arm first compiles in a fresh Inductor cache (`compile_s`: its first run less N compiled steps).
+
+`auto` is not a separate code path: it is `compiled` or `eager`, as the rule in `inversion/compiling.py`
+decides for the preset's planned boundary (`PRESETS`: steps and batch of the CIFAR presets' defaults). Each
+engine's `boundary` reports the boundary's time by arm, step times scaled linearly from B to the preset's
+batch: `eager_s`, `auto_first_s` (compile included: the first boundary) and `auto_later_s` (later boundaries
+reuse the compiled graph: no compile), their ratios to eager, and the break-even the measurement implies.
 
 The last line printed is one JSON object:
-`{"engines": {"pixel": {"ms_per_step": ..., "images_per_s": ..., "options": {"before": r, ...}}, ...},
-"threads": T, "steps": N, "batch": B, "rounds": R, "device": "cpu" or the GPU's name}`.
+`{"engines": {"pixel": {"ms_per_step": ..., "images_per_s": ..., "options": {"before": r, ...}, "boundary": ...},
+...}, "threads": T, "steps": N, "batch": {...}, "rounds": R, "device": "cpu" or the GPU's name}`.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
+import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -44,8 +51,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from cl_inversion.inversion import GeneratorInversion, PerLayerInversion, PixelInversion, common
+from cl_inversion.inversion import Generator, GeneratorInversion, PerLayerInversion, PixelInversion, common
 from cl_inversion.inversion.common import BNStatistics, SynthesisProgress, frozen_eval
+from cl_inversion.inversion.compiling import compile_pays, compiled_teacher, network_flops
 
 N_CLASSES = 10
 SHAPE = (3, 32, 32)
@@ -105,49 +113,8 @@ def pixel_runner(teacher: nn.Module, steps: int, batch: int, **options: Any) -> 
 
     def run() -> None:
         with frozen_eval(teacher), BNStatistics(teacher) as bn, common.memory_format(teacher, engine.channels_last):
-            engine._run(teacher, bn, targets, engine.lr, 0)
-
-    return run
-
-
-def compiled_pixel_runner(teacher: nn.Module, steps: int, batch: int) -> Callable[[], None]:
-    """The pixel step with `compile: true`: hooks and the compiled teacher kept across rounds (a synthesis
-    compiles once per teacher; re-registering hooks each round would recompile every round)."""
-    teacher = copy.deepcopy(teacher).requires_grad_(False)
-    engine = PixelInversion(steps=steps, batch_size=batch, progress=False, compile=True)
-    engine.setup(SHAPE, PIXEL_RANGE)
-    targets = torch.arange(N_CLASSES).repeat(batch // N_CLASSES + 1)[:batch].to(device_of(teacher))
-    bn = BNStatistics(teacher)
-    model = common.compiled(teacher, True)
-
-    def run() -> None:
-        engine._run(model, bn, targets, engine.lr, 0)
-
-    return run
-
-
-def compiled_generator_runner(teacher: nn.Module, steps: int, batch: int,
-                              channels_last: bool = False) -> Callable[[], None]:
-    """The generator step with `compile: true` (`GeneratorInversion._train`'s loop: teacher and generator
-    compiled, hooks kept across rounds), optionally both in channels-last layout."""
-    teacher = copy.deepcopy(teacher).requires_grad_(False)
-    engine = GeneratorInversion(steps=steps, batch_size=batch, progress=False, compile=True)
-    engine.setup(SHAPE, PIXEL_RANGE)
-    device = device_of(teacher)
-    engine._fresh_generator(device, engine.lr)
-    if channels_last:
-        teacher.to(memory_format=torch.channels_last)
-        engine.generator.to(memory_format=torch.channels_last)
-    bn = BNStatistics(teacher)
-    model, sampler = common.compiled(teacher, True), common.compiled(engine.generator, True)
-
-    def run() -> None:
-        for _ in range(steps):
-            images = sampler(torch.randn(batch, engine.generator.z_dim, device=device))
-            loss = engine.loss_terms(model, bn, images, N_CLASSES)["loss"]
-            engine.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            engine.optimizer.step()
+            model = compiled_teacher(teacher, engine.compile is True, engine.compile_mode)
+            engine._run(model, bn, targets, engine.lr, 0)
 
     return run
 
@@ -166,6 +133,7 @@ def generator_runner(teacher: nn.Module, steps: int, batch: int, **options: Any)
 def per_layer_runner(teacher: nn.Module, steps: int, batch: int, **options: Any) -> Callable[[], None]:
     engine = PerLayerInversion(layer_steps=0, full_steps=steps, batch_size=batch, progress=False, **options)
     engine.setup(SHAPE, PIXEL_RANGE)
+    engine.compile_now = engine.compile is True
     dim = teacher.backbone.feature_dim
     device = device_of(teacher)
     labels = torch.arange(N_CLASSES, device=device).repeat(batch // N_CLASSES + 1)[:batch]
@@ -179,46 +147,86 @@ def per_layer_runner(teacher: nn.Module, steps: int, batch: int, **options: Any)
 
 
 ENGINES = {
-    "pixel": (pixel_runner, ["channels_last", "bf16-mixed"]),
-    "generator": (generator_runner, ["channels_last", "bf16-mixed"]),
-    "per_layer": (per_layer_runner, ["bf16-mixed"]),
+    "pixel": (pixel_runner, ["channels_last", "bf16-mixed"], ["compiled", "graphed"]),
+    "generator": (generator_runner, ["channels_last", "bf16-mixed"], ["compiled", "compiled+channels_last", "graphed"]),
+    "per_layer": (per_layer_runner, ["bf16-mixed"], ["compiled", "graphed"]),
 }
+ARM_OPTIONS = {"eager": {}, "before": {}, "channels_last": {"channels_last": True},
+               "bf16-mixed": {"precision": "bf16-mixed"}, "compiled": {"compile": True},
+               "compiled+channels_last": {"compile": True, "channels_last": True},
+               "graphed": {"compile": True, "compile_mode": "reduce-overhead"}}
+
+#: a task boundary of each engine at the CIFAR presets' defaults: planned steps and batch
+#: (pixel: engine defaults, 2000 steps for each of 2560 / 256 = 10 batches; generator: `abd_cifar100_10t`;
+#: per_layer: `pmi_cifar100_10t`'s full-model phase, 160 steps of its first pool of 3000)
+PRESETS = {"pixel": {"steps": 20000, "batch": 256}, "generator": {"steps": 10000, "batch": 128},
+           "per_layer": {"steps": 160, "batch": 3000}}
+BENCH_BATCH = {"pixel": 256, "generator": 128, "per_layer": 256}
 
 
-def option_kwargs(option: str) -> dict[str, Any]:
-    if option == "channels_last":
-        return {"channels_last": True}
-    if option == "bf16-mixed":
-        return {"precision": "bf16-mixed"}
-    return {}
+def step_flops(engine: str, teacher: nn.Module, device: torch.device) -> float:
+    """Forward FLOPs per sample of the engine's step (what `compile: auto` weighs)."""
+    flops = network_flops(teacher, torch.zeros(2, *SHAPE, device=device))
+    if engine == "generator":
+        flops += network_flops(Generator(1000, SHAPE[0], SHAPE[-1]).to(device), torch.zeros(2, 1000, device=device))
+    return flops
 
 
-COMPILED = {"pixel": {"compile": compiled_pixel_runner},
-            "generator": {"compile": compiled_generator_runner,
-                          "compile+channels_last": lambda t, s, b: compiled_generator_runner(t, s, b, True)}}
+def boundary(engine: str, ms: dict[str, float], compile_s: float | None, batch: int, flops: float,
+             device: torch.device) -> dict[str, Any]:
+    """The preset's boundary by arm (seconds), step times scaled from `batch` to the preset's batch."""
+    plan = PRESETS[engine]
+    scale = plan["batch"] / batch
+    eager = plan["steps"] * ms["eager"] * scale / 1000
+    auto = compile_pays(plan["steps"], plan["batch"], flops, device)
+    out: dict[str, Any] = {**plan, "auto_compiles": auto, "eager_s": round(eager, 1)}
+    if "compiled" not in ms or compile_s is None:
+        return out
+    compiled = plan["steps"] * ms["compiled"] * scale / 1000
+    first, later = (compiled + compile_s, compiled) if auto else (eager, eager)
+    saved_per_flop = (ms["eager"] - ms["compiled"]) / 1000 / (3 * batch * flops)
+    out.update(auto_first_s=round(first, 1), auto_later_s=round(later, 1), auto_first_ratio=round(first / eager, 4),
+               auto_later_ratio=round(later / eager, 4),
+               break_even_flop=float(f"{compile_s / saved_per_flop:.3g}") if saved_per_flop > 0 else None)
+    return out
 
 
-def measure(engines: list[str], steps: int, batch: int, rounds: int, compile_arms: bool = False,
-            only: list[str] | None = None, device: torch.device = CPU) -> dict[str, Any]:
-    """Time every arm (`only`: just these besides `default`) of every engine, interleaved round by round."""
-    teacher = make_teacher(device)
+def cold_compile_seconds(run: Callable[[], None], device: torch.device) -> float:
+    """A compiled arm's first run in a fresh Inductor cache and Dynamo state: compiling plus its N steps."""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-cold-")
+    torch.compiler.reset()
+    synchronize(device)
+    began = time.perf_counter()
+    run()
+    synchronize(device)
+    return time.perf_counter() - began
+
+
+def arms_of(engines: list[str], compile_arms: bool, only: list[str] | None,
+            device: torch.device) -> list[tuple[str, str]]:
     wanted = (lambda arm: True) if only is None else (lambda arm: arm in only)
-    arms: list[tuple[str, str, Callable[[], None], bool]] = []
+    arms = []
     for name in engines:
-        make, options = ENGINES[name]
-        arms.append((name, "default", make(teacher, steps, batch), False))
-        if wanted("before"):
-            arms.append((name, "before", make(teacher, steps, batch), True))
-        for option in filter(wanted, options):
-            arms.append((name, option, make(teacher, steps, batch, **option_kwargs(option)), False))
+        _, options, compiled = ENGINES[name]
+        arms.append((name, "eager"))
+        arms += [(name, arm) for arm in ["before", *options] if wanted(arm)]
         if compile_arms:
-            for arm, make_compiled in COMPILED.get(name, {}).items():
-                arms.append((name, arm, make_compiled(teacher, steps, batch), False))
-    warmup: dict[tuple[str, str], float] = {}
-    times: dict[tuple[str, str], list[float]] = {(e, a): [] for e, a, _, _ in arms}
-    for r in range(rounds + 1):  # round 0 warms up every arm (allocator, oneDNN kernels)
-        for engine, arm, run, before in arms:
-            with before_fast_path() if before else contextlib.nullcontext():
+            arms += [(name, arm) for arm in compiled if wanted(arm) and (arm != "graphed" or device.type == "cuda")]
+    return arms
+
+
+def measure(engines: list[str], steps: int, batch: int | None, rounds: int, compile_arms: bool = False,
+            only: list[str] | None = None, device: torch.device = CPU) -> dict[str, Any]:
+    """Time every arm (`only`: just these besides `eager`) of every engine, interleaved round by round."""
+    teacher = make_teacher(device)
+    batches = {name: batch or BENCH_BATCH[name] for name in engines}
+    arms = arms_of(engines, compile_arms, only, device)
+    runs = {(e, a): ENGINES[e][0](teacher, steps, batches[e], **{"compile": False, **ARM_OPTIONS[a]}) for e, a in arms}
+    first_runs = {key: cold_compile_seconds(runs[key], device) for key in runs if "compile" in ARM_OPTIONS[key[1]]}
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in runs}
+    for r in range(rounds + 1):  # round 0 warms up every arm (allocator, oneDNN kernels, compiled graphs)
+        for (engine, arm), run in runs.items():
+            with before_fast_path() if arm == "before" else contextlib.nullcontext():
                 synchronize(device)
                 began = time.perf_counter()
                 run()
@@ -226,21 +234,18 @@ def measure(engines: list[str], steps: int, batch: int, rounds: int, compile_arm
                 elapsed = time.perf_counter() - began
             if r:
                 times[engine, arm].append(elapsed / steps)
-            else:
-                warmup[engine, arm] = elapsed
         print(f"[synthesis_speed] round {r}/{rounds} done", file=sys.stderr, flush=True)
     result: dict[str, Any] = {}
     for engine in engines:
-        default = statistics.median(times[engine, "default"])
-        options = {arm: round(statistics.median(t) / default, 4) for (e, arm), t in times.items()
-                   if e == engine and arm != "default"}
-        result[engine] = {"ms_per_step": round(1000 * default, 2), "images_per_s": round(batch / default, 1),
-                          "options": options,
-                          "ms_per_step_by_arm": {arm: round(1000 * statistics.median(t), 2)
-                                                 for (e, arm), t in times.items() if e == engine}}
-        for arm in COMPILED.get(engine, {}):  # the first round of a compiled arm includes compiling
-            if (engine, arm) in warmup:
-                result[engine][f"{arm}_warmup_s"] = round(warmup[engine, arm], 1)
+        ms = {arm: 1000 * statistics.median(t) for (e, arm), t in times.items() if e == engine}
+        compile_s = {arm: round(first_runs[engine, arm] - steps * ms[arm] / 1000, 1)
+                     for (e, arm) in first_runs if e == engine}
+        result[engine] = {"ms_per_step": round(ms["eager"], 2),
+                          "images_per_s": round(1000 * batches[engine] / ms["eager"], 1), "batch": batches[engine],
+                          "options": {arm: round(v / ms["eager"], 4) for arm, v in ms.items() if arm != "eager"},
+                          "ms_per_step_by_arm": {arm: round(v, 2) for arm, v in ms.items()}, "compile_s": compile_s,
+                          "boundary": boundary(engine, ms, compile_s.get("compiled"), batches[engine],
+                                               step_flops(engine, teacher, device), device)}
     return result
 
 
@@ -253,18 +258,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--engines", nargs="*", default=list(ENGINES), choices=list(ENGINES))
     parser.add_argument("--compile", action="store_true",
-                        help="add the compile option's arm (pixel, generator): minutes of compiling on a CPU")
+                        help="add the compiled arms (and graphed on CUDA): minutes of compiling on a CPU")
     parser.add_argument("--only", nargs="*", default=None, metavar="ARM",
-                        help="time only these arms besides default (before, channels_last, bf16-mixed)")
+                        help="time only these arms besides eager (before, channels_last, bf16-mixed, compiled, "
+                             "compiled+channels_last, graphed)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda (the teacher and every engine there)")
     args = parser.parse_args(argv)
     steps = args.steps or (5 if args.quick else 20)
     rounds = args.rounds or (3 if args.quick else 7)
-    batch = args.batch or (64 if args.quick else 256)
+    batch = args.batch or (64 if args.quick else None)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     engines = measure(args.engines, steps, batch, rounds, args.compile, args.only, device)
-    out = {"engines": engines, "threads": args.threads, "steps": steps, "batch": batch, "rounds": rounds,
+    out = {"engines": engines, "threads": args.threads, "steps": steps,
+           "batch": {name: engine["batch"] for name, engine in engines.items()}, "rounds": rounds,
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     print(json.dumps(out), flush=True)
     return out

@@ -276,13 +276,6 @@ class SynthesisProgress:
         self.bar.close()
 
 
-def compiled(net: nn.Module, enabled: bool) -> nn.Module:
-    """`torch.compile` of a teacher's forward (its backward is compiled with it), opt-in: compiling takes
-    minutes on a CPU and is redone for every new teacher, so it pays for long syntheses only. Call it after
-    the BN hooks are registered: the compiled graph runs them (measured: the same loss to 1e-6)."""
-    return torch.compile(net) if enabled else net
-
-
 @contextmanager
 def memory_format(net: nn.Module, channels_last: bool) -> Iterator[nn.Module]:
     """Run a conv teacher in channels-last layout (faster convolutions on most accelerators), then back."""

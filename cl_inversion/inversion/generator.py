@@ -29,11 +29,17 @@ from cl_inversion.inversion.common import (
     SynthesisProgress,
     SynthesisStats,
     autocast,
-    compiled,
     frozen_eval,
     gaussian_blur,
     memory_format,
     retry_on_nan,
+)
+from cl_inversion.inversion.compiling import (
+    check_compile,
+    compiled_module,
+    compiled_teacher,
+    decide,
+    network_flops,
 )
 from cl_inversion.inversion.engine import EngineBase
 from cl_inversion.inversion.replay import GeneratorReplay
@@ -76,12 +82,14 @@ class GeneratorInversion(EngineBase):
     def __init__(self, steps: int = 10000, batch_size: int = 128, lr: float = 1e-3, z_dim: int = 1000,
                  content_temperature: float = 1000.0, content_weight: float = 1.0, diversity_weight: float = 1.0,
                  bn_weight: float = 50.0, smooth_weight: float = 1e-3, keep_across_tasks: bool = True,
-                 bn_reduction: str = "mean", precision: str = "32", channels_last: bool = False, compile: bool = False,
-                 nan_retries: int = 0, progress: bool = True, log_every: int = 10) -> None:
+                 bn_reduction: str = "mean", precision: str = "32", channels_last: bool = False,
+                 compile: bool | str = "auto", compile_mode: str = "default", nan_retries: int = 0,
+                 progress: bool = True, log_every: int = 10) -> None:
         super().__init__()
         if str(precision) not in PRECISIONS:
             raise ConfigError(f"inversion.{self.name}.precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
-        self.precision, self.channels_last, self.compile = str(precision), channels_last, compile
+        self.precision, self.channels_last = str(precision), channels_last
+        self.compile, self.compile_mode = check_compile(compile, compile_mode, self.name), compile_mode
         if bn_reduction not in ("mean", "sum"):
             raise ConfigError(f"inversion.{self.name}.bn_reduction={bn_reduction!r}: choose mean (ABD, cl-lite) or sum")
         self.bn_reduction = bn_reduction
@@ -119,11 +127,14 @@ class GeneratorInversion(EngineBase):
         generator.requires_grad_(True)  # the previous task's replay froze it while the student trained
         progress = SynthesisProgress(self.steps, "ABD generator", self.stats, self.log_every, self.progress,
                                      engine=self.name, hint=f"lower inversion.{self.name}.lr or set nan_retries")
+        on = decide(self.compile, self.steps, self.batch_size, lambda: self.step_flops(teacher), device,
+                    self.stats.notes, self.name)
         with (frozen_eval(teacher), BNStatistics(teacher) as bn, memory_format(teacher, self.channels_last),
               memory_format(generator, self.channels_last)):
             if not len(bn):
                 self.stats.notes.append("teacher has no BatchNorm layer: BN-statistics term disabled")
-            model, sampler = compiled(teacher, self.compile), compiled(generator, self.compile)
+            model = compiled_teacher(teacher, on, self.compile_mode)
+            sampler = compiled_module(generator, on, self.compile_mode)
             try:
                 for _ in range(self.steps):
                     with autocast(self.precision, device):
@@ -139,6 +150,13 @@ class GeneratorInversion(EngineBase):
                     progress.update(terms, loss)
             finally:
                 progress.close()
+
+    def step_flops(self, teacher: nn.Module) -> float:
+        """Forward FLOPs per generated image of a step: the generator's and the teacher's."""
+        device = next(teacher.parameters()).device
+        z = torch.zeros(2, self.generator.z_dim, device=device)
+        images = torch.zeros(2, *self.image_shape, device=device)
+        return network_flops(self.generator, z) + network_flops(teacher, images)
 
     def loss_terms(self, teacher: nn.Module, bn: BNStatistics, images: Tensor, n_classes: int) -> dict[str, Tensor]:
         """The generator loss on one batch of generated images (`bn` hooks the teacher), term by term."""

@@ -69,6 +69,7 @@ from cl_inversion.inversion.common import (
     retry_on_nan,
     total_variation_l2,
 )
+from cl_inversion.inversion.compiling import check_compile, compiled_teacher, decide, network_flops
 from cl_inversion.inversion.covariance import LaplaceCovariance, LaplaceNLL, StreamingCovariance, blended_correlation
 from cl_inversion.inversion.engine import EngineBase
 from cl_inversion.inversion.features import FeatureModel, extract_features
@@ -240,8 +241,12 @@ class PerLayerInversion(EngineBase):
                  layer_batch: int | None = None, full_schedule: str = "warmup_multistep", cosine_period: int = 2000,
                  input_tv_weight: float = 0.0, per_class: int = 0, boost_rate: int = 1, refit_old: bool = True,
                  stats_source: str = "previous", merge_limit: int | None = 14,
-                 replay_replacement: bool = False, open_set: dict | None = None) -> None:
+                 replay_replacement: bool = False, open_set: dict | None = None, compile: bool | str = "auto",
+                 compile_mode: str = "default") -> None:
         super().__init__()
+        #: torch.compile of the full-model phase's teacher (`compiling.py`); `auto` decides per boundary
+        self.compile, self.compile_mode = check_compile(compile, compile_mode, self.name), compile_mode
+        self.compile_now = False  # this boundary's choice
         #: PMI's open-set step on CLIP (`openset.py`): its options, or None
         self.open_set = OpenSetModel(**open_set, merge_limit=merge_limit) if open_set else None
         check_vit_options(statistics, full_schedule, start_block)
@@ -371,6 +376,10 @@ class PerLayerInversion(EngineBase):
                 self.stats.notes.append("teacher has no BatchNorm layer: BN-statistics and BN-prior terms disabled; "
                                         "the feature targets carry the alignment")
             step = self.layer_batch if self.statistics == "data" else self.batch_size
+            self.compile_now = self.statistics == "batchnorm" and decide(
+                self.compile, self.full_steps * math.ceil(len(labels) / step), min(step, len(labels)),
+                lambda: network_flops(teacher, torch.zeros(2, *self.image_shape, device=device)), device,
+                self.stats.notes, self.name)
             for start in range(0, len(labels), step):
                 f = targets[start : start + step].to(device)
                 y = labels[start : start + step].to(device)
@@ -552,9 +561,11 @@ class PerLayerInversion(EngineBase):
         if self.step_hook is not None:
             self.step_hook(image.detach(), -1)
 
+        net = compiled_teacher(teacher, self.compile_now, self.compile_mode)
+
         def forward(x: Tensor) -> Tensor:
             with autocast(self.precision, x.device):
-                features = teacher.features(x)
+                features = net.features(x)
             return features.float()
 
         extra = None

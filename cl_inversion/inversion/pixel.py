@@ -15,6 +15,7 @@ script does not clamp): it keeps replayed images in the range the student sees r
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -30,13 +31,13 @@ from cl_inversion.inversion.common import (
     SynthesisStats,
     autocast,
     balanced_labels,
-    compiled,
     frozen_eval,
     memory_format,
     optimise_pixels,
     retry_on_nan,
     total_variation_l2,
 )
+from cl_inversion.inversion.compiling import check_compile, compiled_teacher, decide, network_flops
 from cl_inversion.inversion.engine import EngineBase
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -51,12 +52,13 @@ class PixelInversion(EngineBase):
                  bn_weight: float = 10.0, first_bn_multiplier: float = 1.0, tv_weight: float = 2.5e-5,
                  l2_weight: float = 0.0, jitter: int = 2, flip: bool = False,
                  betas: Sequence[float] = (0.9, 0.999), lr_schedule: str = "constant", precision: str = "32",
-                 channels_last: bool = False, compile: bool = False, nan_retries: int = 0, progress: bool = True,
-                 log_every: int = 10) -> None:
+                 channels_last: bool = False, compile: bool | str = "auto", compile_mode: str = "default",
+                 nan_retries: int = 0, progress: bool = True, log_every: int = 10) -> None:
         super().__init__()
         if str(precision) not in PRECISIONS:
             raise ConfigError(f"inversion.pixel.precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
-        self.precision, self.channels_last, self.compile = str(precision), channels_last, compile
+        self.precision, self.channels_last = str(precision), channels_last
+        self.compile, self.compile_mode = check_compile(compile, compile_mode, self.name), compile_mode
         if lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"inversion.pixel.lr_schedule={lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
         self.betas, self.lr_schedule = tuple(float(b) for b in betas), lr_schedule
@@ -71,10 +73,13 @@ class PixelInversion(EngineBase):
         labels = balanced_labels(classes, n)
         device = next(teacher.parameters()).device
         chunks = []
+        on = decide(self.compile, self.steps * math.ceil(n / self.batch_size), min(self.batch_size, n),
+                    lambda: network_flops(teacher, torch.zeros(2, *self.image_shape, device=device)), device,
+                    self.stats.notes, self.name)
         with frozen_eval(teacher), BNStatistics(teacher) as bn, memory_format(teacher, self.channels_last):
             if not len(bn):
                 self.stats.notes.append("teacher has no BatchNorm layer: BN-statistics term disabled")
-            model = compiled(teacher, self.compile)
+            model = compiled_teacher(teacher, on, self.compile_mode)
             for start in range(0, n, self.batch_size):
                 targets = labels[start : start + self.batch_size].to(device)
                 chunk = start // self.batch_size

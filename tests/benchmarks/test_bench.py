@@ -148,6 +148,8 @@ def test_synthesis_speed_reports_every_engine_and_option_ratio():
         assert engine["ms_per_step"] > 0 and engine["images_per_s"] > 0
         expected = {"before", "bf16-mixed"} | ({"channels_last"} if name != "per_layer" else set())
         assert set(engine["options"]) == expected and all(r > 0 for r in engine["options"].values())
+        plan = engine["boundary"]  # the preset's boundary: eager time, what auto chooses there (CPU)
+        assert plan["eager_s"] > 0 and plan["auto_compiles"] is True and engine["compile_s"] == {}
 
 
 def test_covariance_memory_reports_stored_bytes_fit_and_nll_per_width():

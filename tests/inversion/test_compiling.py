@@ -1,0 +1,155 @@
+"""`compile: auto|true|false`: the rule `auto` follows, its choice on the shipped budgets, and compiled graphs
+reused across task boundaries (a new teacher of the same architecture: no recompile, its own images)."""
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from cl_inversion.build import chosen_engine, compose
+from cl_inversion.errors import ConfigError
+from cl_inversion.inversion import Generator, GeneratorInversion, PixelInversion
+from cl_inversion.inversion.compiling import (
+    CPU_BREAK_EVEN_FLOP,
+    CUDA_BREAK_EVEN_STEPS,
+    check_compile,
+    compile_pays,
+    decide,
+    network_flops,
+)
+from cl_inversion.models import IncrementalClassifier, SmallCNN
+
+CPU = torch.device("cpu")
+RANGE = (torch.full((1, 1, 1), -1.0), torch.full((1, 1, 1), 2.0))
+
+
+def test_compile_setting_is_true_false_or_auto():
+    assert check_compile("auto", "default", "pixel") == "auto"
+    assert check_compile(False, "reduce-overhead", "pixel") is False
+    with pytest.raises(ConfigError, match=r"inversion.pixel.compile='sometimes': choose true, false or auto"):
+        PixelInversion(compile="sometimes")
+    with pytest.raises(ConfigError, match=r"inversion.generator.compile_mode='fast': choose one of default"):
+        GeneratorInversion(compile_mode="fast")
+
+
+def test_the_auto_rule_is_planned_flops_on_cpu_and_planned_steps_on_cuda():
+    per_sample = 1e9  # FLOP per sample, forward
+    below = int(CPU_BREAK_EVEN_FLOP / (3 * 128 * per_sample))  # steps just short of the CPU break-even
+    assert not compile_pays(below, 128, per_sample, CPU)
+    assert compile_pays(below + 1, 128, per_sample, CPU)
+    assert not compile_pays(CUDA_BREAK_EVEN_STEPS - 1, 1, 1.0, torch.device("cuda"))
+    assert compile_pays(CUDA_BREAK_EVEN_STEPS, 1, 1.0, torch.device("cuda"))
+    assert not compile_pays(10**9, 10**9, 1e12, torch.device("mps"))
+    notes: list[str] = []
+    assert decide("auto", below + 1, 128, lambda: per_sample, CPU, notes, "pixel")
+    assert notes and notes[0].startswith("pixel compile auto: on (")
+    assert decide(False, 10**9, 128, lambda: 1 / 0, CPU, notes, "pixel") is False  # forced: nothing counted
+    assert len(notes) == 1
+
+
+def test_flops_are_counted_on_a_copy_leaving_the_network_untouched():
+    net = IncrementalClassifier(SmallCNN(1, width=4))
+    net.grow(2)
+    net.train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    seen = []
+    net.backbone.register_forward_hook(lambda *a: seen.append(1))
+    flops = network_flops(net, torch.zeros(2, 1, 8, 8))
+    assert flops > 0 and not seen and net.training
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # BN running stats unchanged
+
+
+def planned(overrides: list[str]) -> tuple[bool, str]:
+    """The `auto` choice a composed run makes at its first boundary (CPU), and the engine."""
+    cfg = compose(overrides)
+    name, engine_cfg = chosen_engine(cfg)
+    engine = instantiate(engine_cfg)
+    shape = (1, 8, 8) if cfg.dataset._target_.endswith("digits") else (3, 32, 32)
+    backbone = instantiate(cfg.backbone)
+    teacher = IncrementalClassifier(backbone)
+    teacher.grow(4)
+    n = cfg.inversion.n_images
+    flops = network_flops(teacher, torch.zeros(2, *shape))
+    if name in ("generator", "rdfcil_generator"):
+        flops += network_flops(Generator(engine.z_dim, shape[0], shape[-1]), torch.zeros(2, engine.z_dim))
+        steps, batch = engine.steps, engine.batch_size
+    elif name == "pixel":
+        steps, batch = engine.steps * -(-n // engine.batch_size), min(engine.batch_size, n)
+    else:
+        batch = min(engine.batch_size, n)
+        steps = engine.full_steps * -(-n // engine.batch_size)
+    return compile_pays(steps, batch, flops, CPU), name
+
+
+@pytest.mark.parametrize("method", ["deepinversion", "abd", "rdfcil", "pmi"])
+def test_auto_stays_eager_at_the_digits_budgets(method):
+    on, _ = planned([f"method={method}"])
+    assert not on
+
+
+@pytest.mark.parametrize("overrides", [["experiment=abd_cifar100_10t"], ["experiment=rdfcil_cifar100_10t"],
+                                       ["experiment=pmi_cifar100_10t"],
+                                       ["experiment=cifar10_cpu", "method=abd"],
+                                       ["experiment=cifar10_cpu", "method=deepinversion"]])
+def test_auto_compiles_at_the_cifar_budgets(overrides):
+    on, name = planned(overrides)
+    assert on, name
+
+
+def classifier(seed: int, n_classes: int) -> IncrementalClassifier:
+    torch.manual_seed(seed)
+    net = IncrementalClassifier(SmallCNN(1, width=4))
+    net.grow(n_classes)
+    net.train()
+    with torch.no_grad():
+        net(torch.randn(32, 1, 8, 8))  # BN running statistics of its own
+    return net.eval()
+
+
+def pixel_images(teacher: IncrementalClassifier, compile: bool) -> torch.Tensor:
+    torch.manual_seed(1)
+    engine = PixelInversion(steps=3, batch_size=8, lr=0.1, progress=False, compile=compile)
+    engine.setup((1, 8, 8), RANGE)
+    return engine.synthesize(teacher, list(range(teacher.num_classes)), 8)[0]
+
+
+def test_a_later_boundary_reuses_the_compiled_graph_and_gets_its_own_teachers_images():
+    """Boundary 2's teacher has new weights, new BN hooks and a larger head: the backbone's compiled graph
+    serves it without a recompile, and its images are the eager ones of that teacher (not of the first)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    first, second = classifier(0, 2), classifier(5, 4)
+    compiled_first = pixel_images(first, True)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1
+    compiled_second = pixel_images(second, True)
+    assert counters["stats"]["unique_graphs"] == graphs  # no recompile at the second boundary
+    eager_second = pixel_images(second, False)
+    assert torch.allclose(compiled_second, eager_second, atol=1e-4)
+    assert not torch.allclose(compiled_second, compiled_first, atol=1e-2)
+
+
+def test_a_fresh_generator_per_boundary_reuses_the_compiled_generator_and_teacher():
+    """R-DFCIL trains a fresh generator every boundary: the second one runs the code compiled for the first."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    engine = GeneratorInversion(steps=2, batch_size=8, z_dim=16, keep_across_tasks=False, progress=False,
+                                compile=True)
+    engine.setup((1, 8, 8), RANGE)
+    engine.synthesize(classifier(0, 2), [0, 1], 8)
+    graphs = counters["stats"]["unique_graphs"]
+    first_generator = engine.generator
+    engine.synthesize(classifier(5, 4), [0, 1, 2, 3], 8)
+    assert engine.generator is not first_generator
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_the_cuda_graph_mode_gives_the_eager_images():
+    """`compile_mode: reduce-overhead` (CUDA graphs on a GPU; on a CPU Inductor's default code) changes no image."""
+    teacher = classifier(0, 2)
+    torch.manual_seed(1)
+    engine = PixelInversion(steps=3, batch_size=8, lr=0.1, progress=False, compile=True, compile_mode="reduce-overhead")
+    engine.setup((1, 8, 8), RANGE)
+    graphed = engine.synthesize(teacher, [0, 1], 8)[0]
+    assert torch.allclose(graphed, pixel_images(teacher, False), atol=1e-4)
