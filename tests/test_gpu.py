@@ -41,3 +41,24 @@ def test_batch_moments_on_the_gpu_equal_the_two_pass_form():
     assert torch.allclose(var, x.var((0, 2, 3), unbiased=False), rtol=1e-5)
     var.sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_and_graphed_pixel_steps_give_the_eager_images_on_the_gpu(mode):
+    """`compile: true` (and `compile_mode: reduce-overhead`, CUDA graphs) against eager, on the GPU."""
+    from cl_inversion.inversion import PixelInversion
+    from cl_inversion.models import CifarResNet, IncrementalClassifier
+
+    torch.manual_seed(0)
+    teacher = IncrementalClassifier(CifarResNet(8, in_channels=3, variant="abd"))
+    teacher.grow(4)
+    teacher = teacher.cuda().eval()
+    pixel_range = (torch.full((3, 1, 1), -2.0), torch.full((3, 1, 1), 2.0))
+
+    def images(compile: bool) -> torch.Tensor:
+        torch.manual_seed(1)
+        engine = PixelInversion(steps=5, batch_size=16, lr=0.05, progress=False, compile=compile, compile_mode=mode)
+        engine.setup((3, 32, 32), pixel_range)
+        return engine.synthesize(teacher, [0, 1, 2, 3], 16)[0]
+
+    assert torch.allclose(images(True), images(False), atol=1e-3)

@@ -23,7 +23,8 @@ recompile (tested). The head, one linear layer, runs eagerly.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -33,8 +34,9 @@ from cl_inversion.errors import ConfigError
 from cl_inversion.models.head import IncrementalClassifier
 
 #: `compile: auto` on a CPU: compile when a boundary plans at least this many FLOPs (forward + backward).
-#: From the compiled/eager pair measured on one thread (docs/experiments/synthesis_speed.md): the break-even
-#: is ~2.6e13 FLOP; twice that, so that compiling is chosen only where it clearly pays.
+#: The break-even measured on one thread (ResNet-32, cold compile; docs/experiments/synthesis_speed.md) was
+#: 1.0e13 (per-layer), 1.3e13 (pixel) and 1.9e13 FLOP (generator); 2.5x the largest, so that `auto` compiles
+#: only where it clearly pays.
 CPU_BREAK_EVEN_FLOP = 5e13
 #: `compile: auto` on CUDA: compile when a boundary plans at least this many steps. Measured on an H200
 #: (docs/gpu.md): 31.9 s to compile the generator step, 11.1 ms saved per step at batch 128 → 2 900 steps.
@@ -124,3 +126,21 @@ def compiled_module(module: nn.Module, enabled: bool, mode: str = "default") -> 
     if not enabled:
         return module
     return torch.compile(module) if mode == "default" else torch.compile(module, mode=mode)
+
+
+@contextmanager
+def fused_adam(optimizer: torch.optim.Optimizer, enabled: bool) -> Iterator[None]:
+    """Step an Adam optimizer with its fused kernel (one pass over the parameters) while `enabled` — the compiled
+    generator step, where the per-tensor foreach update was 3 % of a CPU step — and restore its flags after, so
+    eager runs and checkpoints keep the default update."""
+    if not enabled or not isinstance(optimizer, torch.optim.Adam):
+        yield
+        return
+    saved = [(group.get("fused"), group.get("foreach")) for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = True, None
+    try:
+        yield
+    finally:
+        for group, (fused, foreach) in zip(optimizer.param_groups, saved):
+            group["fused"], group["foreach"] = fused, foreach

@@ -39,6 +39,7 @@ from cl_inversion.inversion.compiling import (
     compiled_module,
     compiled_teacher,
     decide,
+    fused_adam,
     network_flops,
 )
 from cl_inversion.inversion.engine import EngineBase
@@ -130,7 +131,7 @@ class GeneratorInversion(EngineBase):
         on = decide(self.compile, self.steps, self.batch_size, lambda: self.step_flops(teacher), device,
                     self.stats.notes, self.name)
         with (frozen_eval(teacher), BNStatistics(teacher) as bn, memory_format(teacher, self.channels_last),
-              memory_format(generator, self.channels_last)):
+              memory_format(generator, self.channels_last), fused_adam(self.optimizer, on)):
             if not len(bn):
                 self.stats.notes.append("teacher has no BatchNorm layer: BN-statistics term disabled")
             model = compiled_teacher(teacher, on, self.compile_mode)

@@ -50,6 +50,7 @@ reference's optional per-block lr / weight search), `precision=bf16-mixed`, `nan
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -108,18 +109,31 @@ def kl_to_gaussian(x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
     return r.mean() * 0.5
 
 
+def summed_kl(inputs: Sequence[Tensor], means: Sequence[Tensor], variances: Sequence[Tensor]) -> Tensor:
+    """Σ over layers of `kl_to_gaussian(input, running mean, running var)`."""
+    return torch.stack([kl_to_gaussian(x, m, v) for x, m, v in zip(inputs, means, variances)]).sum()
+
+
+@functools.cache
+def compiled_summed_kl() -> Callable[..., Tensor]:
+    """`summed_kl` compiled once per process: a function of tensors only, so every boundary reuses its code."""
+    return torch.compile(summed_kl)
+
+
 class BatchNormInputs(InputHooks):
     """The input of every BatchNorm layer of `net`; `kl()` sums `kl_to_gaussian` against each layer's running
-    statistics (PMI's `register_hooks`, `hook_type='kl'`, all layers)."""
+    statistics (PMI's `register_hooks`, `hook_type='kl'`, all layers). `compiled`: the sum runs compiled (its
+    per-layer moments fused; eager, it copies every input once more to take its variance)."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, compiled: bool = False) -> None:
         self.layers = batchnorm_layers(net)
         super().__init__(self.layers)
+        self._summed_kl = compiled_summed_kl() if compiled else summed_kl
 
     def kl(self) -> Tensor:
-        terms = [kl_to_gaussian(x, layer.running_mean.detach().float(), layer.running_var.detach().float())
-                 for layer, x in zip(self.layers, self.inputs)]
-        return torch.stack(terms).sum()
+        means = [layer.running_mean.detach().float() for layer in self.layers]
+        variances = [layer.running_var.detach().float() for layer in self.layers]
+        return self._summed_kl(self.inputs, means, variances)
 
 
 def full_phase_lr(step: int, lr: float, warmup: int, milestones: Sequence[int], decay: float) -> float:
@@ -576,7 +590,7 @@ class PerLayerInversion(EngineBase):
                 return self.ce_weight * ce + self.tv_weight * tv
         laplace = self.laplace_hooks(teacher, teacher)
         try:
-            with BatchNormInputs(teacher) as bn:
+            with BatchNormInputs(teacher, compiled=self.compile_now) as bn:
                 x, _, _ = self.optimise(image, target_features, forward, bn, None, self.full_steps,
                                         lambda k: full_phase_lr(k, lr, self.warmup, self.milestones, self.lr_decay),
                                         self.bn_weight, self.bn_weight, 1.0, progress, {}, extra=extra,
