@@ -23,6 +23,7 @@ recompile (tested). The head, one linear layer, runs eagerly.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -81,11 +82,30 @@ def compile_pays(steps: int, batch: int, flops: float, device: torch.device) -> 
     return False
 
 
+@functools.cache
+def can_compile(device_type: str) -> bool:
+    """Whether Inductor can build code for the device here: a C++ compiler (CPU) or Triton (CUDA)."""
+    try:
+        if device_type == "cpu":
+            from torch._inductor.cpp_builder import get_cpp_compiler
+
+            return bool(get_cpp_compiler())
+        from torch.utils._triton import has_triton
+
+        return device_type == "cuda" and has_triton()
+    except Exception:  # no compiler found: Inductor raises its own error types
+        return False
+
+
 def decide(setting: bool | str, steps: int, batch: int, flops: Callable[[], float], device: torch.device,
            notes: list[str], engine: str) -> bool:
-    """Whether this boundary's synthesis runs compiled; `auto` notes its choice and the numbers behind it."""
+    """Whether this boundary's synthesis runs compiled; `auto` notes its choice and the numbers behind it (and
+    stays eager, saying so, where Inductor has no compiler for the device)."""
     if setting != "auto":
         return bool(setting)
+    if not can_compile(device.type):
+        notes.append(f"{engine} compile auto: off (no compiler for torch.compile on {device.type} here)")
+        return False
     per_sample = flops()
     on = compile_pays(steps, batch, per_sample, device)
     planned = 3.0 * steps * batch * per_sample

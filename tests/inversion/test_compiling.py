@@ -189,3 +189,29 @@ def test_the_compiled_generator_steps_adam_fused_and_lands_where_eager_does():
     for name, weight in compiled.generator.named_parameters():
         if weight.dim() > 1:  # biases feeding a BatchNorm have ~0 gradients: rounding noise that Adam normalises
             assert torch.allclose(weight, eager_weights[name], atol=1e-5), name
+
+
+def test_a_run_records_what_auto_chose_at_each_boundary(compose, tmp_path):
+    from cl_inversion.run import run
+
+    cfg = compose(["method=deepinversion", "scenario.n_tasks=2", "trainer.max_epochs=1", "logger=none",
+                   "trainer.enable_progress_bar=false", "inversion.n_images=20", "inversion.pixel.steps=3"])
+    results = run(cfg, run_dir=tmp_path).to_dict()
+    notes = results["inversion"][0]["notes"]
+    assert any(note.startswith("pixel compile auto: off (3 steps of batch 20,") for note in notes), notes
+
+
+def test_auto_stays_eager_where_inductor_has_no_compiler():
+    import torch._inductor.config as inductor_config
+
+    from cl_inversion.inversion.compiling import can_compile
+
+    can_compile.cache_clear()
+    try:
+        with inductor_config.patch({"cpp.cxx": ("no-such-c++-compiler",)}):
+            notes: list[str] = []
+            assert not decide("auto", 10**9, 128, lambda: 1e9, CPU, notes, "generator")
+            assert notes == ["generator compile auto: off (no compiler for torch.compile on cpu here)"]
+    finally:
+        can_compile.cache_clear()
+    assert can_compile("cpu")
