@@ -35,12 +35,12 @@ from cl_inversion.errors import ConfigError
 from cl_inversion.models.head import IncrementalClassifier
 
 #: `compile: auto` on a CPU: compile when a boundary plans at least this many FLOPs (forward + backward).
-#: The break-even measured on one thread (ResNet-32, cold compile; docs/experiments/synthesis_speed.md) was
-#: 1.0e13 (per-layer), 1.3e13 (pixel) and 1.9e13 FLOP (generator); 2.5x the largest, so that `auto` compiles
-#: only where it clearly pays.
+#: The break-even measured on one thread (ResNet-32, cold compile, two runs; docs/experiments/synthesis_speed.md)
+#: was 0.8-1.0e13 FLOP (per-layer), 1.3-1.9e13 (pixel) and 1.9-2.8e13 (generator); 5e13 is above all of them,
+#: so that `auto` compiles only where it clearly pays.
 CPU_BREAK_EVEN_FLOP = 5e13
 #: `compile: auto` on CUDA: compile when a boundary plans at least this many steps. Measured on an H200
-#: (docs/gpu.md): 31.9 s to compile the generator step, 11.1 ms saved per step at batch 128 → 2 900 steps.
+#: (docs/gpu.md): 31.9 s to compile the generator step, 11.1 ms saved per step at batch 256 → 2 900 steps.
 CUDA_BREAK_EVEN_STEPS = 3000
 #: torch.compile modes an engine accepts (`reduce-overhead`: CUDA graphs on a GPU; on a CPU the same as `default`)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
