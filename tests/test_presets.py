@@ -12,8 +12,8 @@ import torch
 from helpers import REPO, run_cli
 
 from cl_inversion.data.datasets import imagefolder
-from cl_inversion.errors import ConfigError
 from cl_inversion.run import chosen_engine
+from cl_inversion.utils.errors import ConfigError
 
 EXPERIMENTS = REPO / "conf" / "experiment"
 # presets that reproduce a published row (they pick a method and name their task count); cifar10_cpu is a CPU
@@ -44,7 +44,7 @@ def test_presets_exist():
 @pytest.mark.parametrize("name", ALL_PRESETS)
 def test_every_preset_composes_and_validates(compose, name):
     from cl_inversion.run import LOADER_KEYS
-    from cl_inversion.validate import validate_config
+    from cl_inversion.utils.validate import validate_config
 
     assert (EXPERIMENTS / f"{name}.yaml").read_text().startswith("# @package _global_")
     cfg = compose([f"experiment={name}"])

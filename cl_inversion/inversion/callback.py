@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cl_inversion.errors import ConfigError
 from cl_inversion.inversion.common import BNStatistics, frozen_eval
 from cl_inversion.inversion.engine import SynthesisEngine, missing_members
 from cl_inversion.loop.hooks import ContinualCallback, ReplayStudent, TaskContext
+from cl_inversion.utils.errors import ConfigError
 
 
 def frechet_distance(a: Tensor, b: Tensor) -> float:
@@ -165,7 +165,7 @@ and hands its replay to the student (`method.receive_replay`) for the next task.
             logger.log_metrics({f"inversion_task_{context.task}/{k}": v for k, v in point.items() if k != "step"},
                                step=int(point["step"]))
         if grid_path is not None:
-            from cl_inversion.logging_utils import log_image
+            from cl_inversion.utils.logging_utils import log_image
 
             log_image(logger, f"inversion/task_{context.task}", grid_path, step=context.task)
 

@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cl_inversion.errors import ConfigError
 from cl_inversion.inversion.common import (
     PRECISIONS,
     BNStatistics,
@@ -38,6 +37,7 @@ from cl_inversion.inversion.common import (
     total_variation_l2,
 )
 from cl_inversion.inversion.engine import EngineBase
+from cl_inversion.utils.errors import ConfigError
 
 LR_SCHEDULES = ("constant", "cosine")
 

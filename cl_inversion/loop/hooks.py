@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from cl_inversion.errors import TrainingDiverged
+from cl_inversion.utils.errors import TrainingDiverged
 
 
 @runtime_checkable

@@ -11,12 +11,12 @@ import torch
 
 from cl_inversion.data.datasets import digits
 from cl_inversion.data.scenario import ClassIncrementalScenario
-from cl_inversion.errors import ConfigError
 from cl_inversion.inversion import InversionCallback
 from cl_inversion.inversion.engine import EngineBase, SynthesisEngine, missing_members
 from cl_inversion.loop.hooks import TaskContext
 from cl_inversion.methods import ABD, Finetune
 from cl_inversion.models import IncrementalClassifier, SmallCNN
+from cl_inversion.utils.errors import ConfigError
 
 
 class NoiseEngine(EngineBase):

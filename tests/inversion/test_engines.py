@@ -8,11 +8,11 @@ import torch.nn.functional as F
 from helpers import read_results
 from torch import nn
 
-from cl_inversion.errors import ConfigError
 from cl_inversion.inversion import BNStatistics, GeneratorInversion, PerLayerInversion, PixelInversion, SynthesisError
 from cl_inversion.inversion.callback import frechet_distance
 from cl_inversion.inversion.common import balanced_labels, gaussian_blur, gaussian_kl, total_variation_l2
 from cl_inversion.models import IncrementalClassifier, SmallCNN
+from cl_inversion.utils.errors import ConfigError
 
 PIXEL_RANGE = (torch.full((1, 1, 1), -1.0), torch.full((1, 1, 1), 2.0))
 

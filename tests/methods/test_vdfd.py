@@ -12,12 +12,12 @@ from helpers import FAST, read_results, run_cli
 from torch import nn
 
 from cl_inversion.data import ClassIncrementalScenario, digits
-from cl_inversion.io import load_checkpoint, save_checkpoint
 from cl_inversion.loop.checkpoints import checkpoint_state, restore
 from cl_inversion.methods import VDFD
 from cl_inversion.methods.base import state_bytes
 from cl_inversion.methods.vdfd import GCN, compress, linearised, normalized_adjacency
 from cl_inversion.models import IncrementalClassifier, SmallCNN
+from cl_inversion.utils.io import load_checkpoint, save_checkpoint
 
 SGD = functools.partial(torch.optim.SGD, lr=0.1)
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from helpers import cli_env, read_results, run_cli
 
-from cl_inversion.errors import ConfigError
-from cl_inversion.threads import available_cores, job_threads, set_job_threads
+from cl_inversion.utils.errors import ConfigError
+from cl_inversion.utils.threads import available_cores, job_threads, set_job_threads
 from hydra_plugins.cl_inversion_launcher import CONCURRENT_JOBS_ENV
 
 ENV = ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK", CONCURRENT_JOBS_ENV)
