@@ -196,10 +196,12 @@ class TaskLoop:
         return train_s
 
     def context(self, t: int, datamodule: Any, device: torch.device) -> TaskContext:
-        """What the loop's hooks see of task t (its real data included)."""
+        """What the loop's hooks see of task t (its real data included), and the teacher: the frozen model the
+        method made at its `end_task` (or restored from the checkpoint), as it is when the hook is called."""
         bundle = self.bundle
         return TaskContext(t, self.run_dir, self.logger, datamodule, bundle.image_shape, bundle.pixel_range(),
-                           bundle.mean, bundle.std, device, is_last=t == len(self.scenario) - 1)
+                           bundle.mean, bundle.std, device, is_last=t == len(self.scenario) - 1,
+                           teacher=self.method.previous)
 
     def call_hooks(self, hook: str, context: TaskContext) -> None:
         """One of the `ContinualCallback` hooks on every such callback, then their results into results.json."""

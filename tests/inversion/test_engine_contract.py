@@ -69,7 +69,7 @@ def test_the_callback_runs_the_engine_in_order_and_hands_the_replay_to_the_stude
     callback = InversionCallback(engine, n_images=8, grid=False)
     bundle = scenario.dataset
     callback.between_tasks(m, TaskContext(0, tmp_path, None, data, bundle.image_shape, bundle.pixel_range(),
-                                        bundle.mean, bundle.std))
+                                          bundle.mean, bundle.std, teacher=m.previous))
     assert engine.calls == ["setup", "observe", "synthesize"]
     images, labels = m.replay.sample(5)  # EngineBase's default replay: the synthesised buffer
     assert images.shape == (5, 1, 8, 8) and set(labels.tolist()) <= {0, 1}
