@@ -70,9 +70,9 @@ class Framework:
     def __init__(self, net: torch.nn.Module, loader: DataLoader, root: Path, overrides: list[str]) -> None:
         from functools import partial
 
-        from cl_inversion import logging_utils
         from cl_inversion.methods import Finetune
         from cl_inversion.run import build_callbacks, compose
+        from cl_inversion.utils import logging_utils
 
         self.cfg = compose(["method=finetune", "trainer.max_epochs=1", *overrides])
         self.method = Finetune(net, optimizer=partial(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=2e-4))

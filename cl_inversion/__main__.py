@@ -8,18 +8,18 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from cl_inversion.config import register_configs
-from cl_inversion.entry import (
+from cl_inversion.cli.entry import (
     REPO_CONFIG_DIR,
     config_dir,
     config_dir_missing_message,
     engine_alias,
     slurm_missing_message,
 )
-from cl_inversion.errors import user_error
+from cl_inversion.utils.config import register_configs
+from cl_inversion.utils.errors import user_error
 
 register_configs()
-CONFIG_DIR = config_dir()  # absolute: a relative config_path breaks the console script (see cl_inversion.entry)
+CONFIG_DIR = config_dir()  # absolute: a relative config_path breaks the console script (see cl_inversion.cli.entry)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR or REPO_CONFIG_DIR), config_name="config")
@@ -77,7 +77,7 @@ def main() -> None:
     if any(arg in ("--help", "-h") for arg in sys.argv[1:]):
         print(help_text(CONFIG_DIR))
         return
-    from cl_inversion.sweep_summary import print_summary
+    from cl_inversion.cli.sweep_summary import print_summary
 
     try:
         _hydra_main()

@@ -13,16 +13,16 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
-from cl_inversion import logging_utils
+from cl_inversion.cli.entry import REPO_CONFIG_DIR, config_dir, engine_alias
 from cl_inversion.data.datasets import DatasetBundle
 from cl_inversion.data.scenario import ClassIncrementalScenario
-from cl_inversion.entry import REPO_CONFIG_DIR, config_dir, engine_alias
-from cl_inversion.errors import ConfigError
 from cl_inversion.loop.run_dir import hydra_choices
 from cl_inversion.loop.zero_shot import ZeroShotRetention, embeds_text
 from cl_inversion.methods.base import ContinualModule
 from cl_inversion.methods.inversion_student import InversionStudent
 from cl_inversion.models.head import IncrementalClassifier
+from cl_inversion.utils import logging_utils
+from cl_inversion.utils.errors import ConfigError
 
 log = logging.getLogger("cl_inversion")
 CONFIG_DIR = config_dir() or REPO_CONFIG_DIR  # the checkout's conf/, else a wheel's installed copy
@@ -31,7 +31,7 @@ LOADER_KEYS = ("batch_size", "num_workers", "channels")  # dataset keys that are
 
 def compose(overrides: list[str] | None = None) -> DictConfig:
     """The experiment config as the CLI would build it (for notebooks and tests)."""
-    from cl_inversion.config import register_configs
+    from cl_inversion.utils.config import register_configs
 
     register_configs()
     with hydra.initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):

@@ -23,10 +23,10 @@ from cl_inversion.build import (  # noqa: F401  (the public API: compose, and th
     chosen_engine,
     compose,
 )
-from cl_inversion.errors import ConfigError
 from cl_inversion.loop.results import RunResults
 from cl_inversion.loop.run_dir import failure_recorded, resolve_run_dir, restore_hydra_record
 from cl_inversion.loop.task_loop import TaskLoop
+from cl_inversion.utils.errors import ConfigError
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*GPU available but not used.*")

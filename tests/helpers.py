@@ -1,4 +1,5 @@
-"""Helpers the tests share: the CLI in a subprocess on the real config tree, and the run's results."""
+"""Helpers the tests share: a run in this process or the CLI in a subprocess, both on the real config tree, and
+the run's results."""
 
 from __future__ import annotations
 
@@ -30,6 +31,16 @@ def run_cli(*overrides: str, run_dir: Path | None = None, check: bool = True, ti
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}")
     return proc
+
+
+def run_in_process(*overrides: str, run_dir: Path) -> dict:
+    """The experiment `python -m cl_inversion <overrides>` runs, here: `run(compose(overrides))`, for tests whose
+    subject is the run rather than the command line (no interpreter start, no Hydra job record); its results.json."""
+    from cl_inversion.build import compose
+    from cl_inversion.run import run
+
+    run(compose(list(overrides)), run_dir=run_dir)
+    return read_results(run_dir)
 
 
 def read_results(run_dir: Path) -> dict:

@@ -1,4 +1,4 @@
-"""A stateful Lightning callback for the resume tests (importable as `tests.probe` by the CLI)."""
+"""Callbacks that record what a run did, for the resume and hook tests (importable as `tests.probe` by the CLI)."""
 
 from __future__ import annotations
 
@@ -34,3 +34,30 @@ class SynthesisCrash(ContinualCallback):
     def between_tasks(self, student, context) -> None:
         if os.environ.get("CL_TEST_CRASH_AT_TASK") == str(context.task):
             raise KeyboardInterrupt
+
+
+class TeacherProbe(ContinualCallback):
+    """Records what every hook's context says of the teacher: none, or the student's frozen previous model."""
+
+    acts_between_tasks = False  # looks only
+
+    def __init__(self) -> None:
+        self.seen: list[list] = []
+
+    def note(self, hook: str, student, context) -> None:
+        teacher = context.teacher
+        kind = ("none" if teacher is None else "previous" if teacher is student.previous else "other")
+        frozen = teacher is not None and not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+        self.seen.append([hook, context.task, kind, frozen])
+
+    def before_task(self, student, context) -> None:
+        self.note("before_task", student, context)
+
+    def between_tasks(self, student, context) -> None:
+        self.note("between_tasks", student, context)
+
+    def after_evaluation(self, student, context) -> None:
+        self.note("after_evaluation", student, context)
+
+    def results(self) -> dict:
+        return {"teacher_probe": self.seen}

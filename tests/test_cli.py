@@ -1,12 +1,16 @@
-"""The whole program through its CLI, on digits."""
+"""The whole program on digits: the experiment `run(compose(overrides))` runs (what the CLI runs, in this
+process), and the CLI itself: its console lines and `--help`."""
+
+import logging
 
 import torch
-from helpers import FAST, read_results, run_cli
+from helpers import FAST, read_results, run_cli, run_in_process
 
 
-def test_default_run_writes_results_and_checkpoints(cli, tmp_path):
-    proc = cli(*FAST, "inversion.per_layer.layer_steps=5", "inversion.per_layer.full_steps=10", run_dir=tmp_path)
-    res = read_results(tmp_path)
+def test_default_run_writes_results_and_checkpoints(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="cl_inversion")
+    res = run_in_process(*FAST, "inversion.per_layer.layer_steps=5", "inversion.per_layer.full_steps=10",
+                         run_dir=tmp_path)
     matrix = res["accuracy_matrix"]
     assert [len(r) for r in matrix] == [1, 2, 3, 4, 5]
     for key in ("final_accuracy", "average_incremental_accuracy", "forgetting", "backward_transfer",
@@ -19,24 +23,21 @@ def test_default_run_writes_results_and_checkpoints(cli, tmp_path):
     assert all((tmp_path / "checkpoints" / f"task_{t}.ckpt").exists() for t in range(5))
     ckpt = torch.load(tmp_path / "checkpoints" / "task_4.ckpt", weights_only=False)
     assert ckpt["task_sizes"] == [2, 2, 2, 2, 2]
-    assert "task 5/5" in proc.stderr + proc.stdout
+    assert "task 5/5" in caplog.text
     assert (tmp_path / "logs" / "metrics.csv").exists()
 
 
-def test_same_seed_same_matrix_other_seed_other_order(cli, tmp_path):
-    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    cli(*FAST, "method=lwf", "scenario.n_tasks=2", run_dir=a)
-    cli(*FAST, "method=lwf", "scenario.n_tasks=2", run_dir=b)
-    cli(*FAST, "method=lwf", "scenario.n_tasks=2", "seed=1", run_dir=c)
-    ra, rb, rc = read_results(a), read_results(b), read_results(c)
+def test_same_seed_same_matrix_other_seed_other_order(tmp_path):
+    ra = run_in_process(*FAST, "method=lwf", "scenario.n_tasks=2", run_dir=tmp_path / "a")
+    rb = run_in_process(*FAST, "method=lwf", "scenario.n_tasks=2", run_dir=tmp_path / "b")
+    rc = run_in_process(*FAST, "method=lwf", "scenario.n_tasks=2", "seed=1", run_dir=tmp_path / "c")
     assert ra["accuracy_matrix"] == rb["accuracy_matrix"]
     assert ra["class_order"] != rc["class_order"] and rc["seed"] == 1
 
 
-def test_first_task_classes_and_joint_upper_bound(cli, tmp_path):
-    cli("trainer.enable_progress_bar=false", "method=joint", "scenario.n_tasks=3",
-        "scenario.first_task_classes=4", run_dir=tmp_path)
-    res = read_results(tmp_path)
+def test_first_task_classes_and_joint_upper_bound(tmp_path):
+    res = run_in_process("trainer.enable_progress_bar=false", "method=joint", "scenario.n_tasks=3",
+                         "scenario.first_task_classes=4", run_dir=tmp_path)
     assert [len(r) for r in res["accuracy_matrix"]] == [1, 2, 3]
     assert res["per_task"][0]["classes"] == res["class_order"][:4]
     assert res["final_accuracy"] >= 95
@@ -52,9 +53,8 @@ def test_python_api_runs_the_same_experiment(compose, tmp_path):
 
 
 def test_results_record_provenance_and_wall_times(tmp_path):
-    run_cli("method=finetune", "scenario.n_tasks=2", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
-            "logger=none", run_dir=tmp_path)
-    res = read_results(tmp_path)
+    res = run_in_process("method=finetune", "scenario.n_tasks=2", "trainer.max_epochs=1",
+                         "trainer.enable_progress_bar=false", "logger=none", run_dir=tmp_path)
     prov = res["provenance"]
     import lightning
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from cl_inversion.errors import ConfigError, user_error
 from cl_inversion.inversion.callback import InversionCallback
 from cl_inversion.methods.inversion_student import InversionStudent
 from cl_inversion.run import (
@@ -22,7 +21,8 @@ from cl_inversion.run import (
     chosen_engine,
     compose,
 )
-from cl_inversion.validate import validate_config
+from cl_inversion.utils.errors import ConfigError, user_error
+from cl_inversion.utils.validate import validate_config
 
 CONF = Path(CONFIG_DIR)
 
@@ -144,7 +144,7 @@ def test_every_trainer_composes_and_the_cpu_ones_instantiate(trainer, tmp_path):
 
 @pytest.mark.parametrize("logger", options("logger"))
 def test_every_logger_instantiates(logger, tmp_path, monkeypatch):
-    from cl_inversion import logging_utils
+    from cl_inversion.utils import logging_utils
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

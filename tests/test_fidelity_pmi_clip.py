@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import read_results
+from helpers import run_in_process
 
 from cl_inversion.data import ClassIncrementalScenario, digits
 from cl_inversion.inversion import PerLayerInversion
@@ -296,10 +296,9 @@ def test_synthesis_makes_per_class_block_inputs(observed_engine):
     assert engine.pool_features(net, pool).shape == (4, 32)
 
 
-def test_pmi_clip_preset_runs_end_to_end_on_the_tiny_model(cli, tmp_path):
-    cli("experiment=pmi_clip_cifar100_10t", "+smoke=digits", "backbone=moe_clip_tiny", "trainer=cpu", "logger=none",
-        "checkpoint=false", run_dir=tmp_path)
-    res = read_results(tmp_path)
+def test_pmi_clip_preset_runs_end_to_end_on_the_tiny_model(tmp_path):
+    res = run_in_process("experiment=pmi_clip_cifar100_10t", "+smoke=digits", "backbone=moe_clip_tiny", "trainer=cpu",
+                         "logger=none", "checkpoint=false", run_dir=tmp_path)
     assert res["status"] == "completed" and len(res["accuracy_matrix"]) == 2
     record = res["inversion"][0]
     assert record["n_images"] == 2 * 5 and 0 <= record["teacher_accuracy"] <= 100
@@ -388,10 +387,10 @@ def test_open_set_projection_equals_the_reference_prototype_mapping():
     assert torch.allclose(rotate_features(old_text[0], new_text[0], x).norm(dim=1), x.norm(dim=1), atol=1e-5)
 
 
-def test_pmi_clip_openset_preset_learns_the_last_task_without_its_data(cli, tmp_path):
-    cli("experiment=pmi_clip_openset_cifar100", "+smoke=digits", "backbone=moe_clip_tiny", "trainer=cpu",
-        "logger=none", "checkpoint=false", "inversion.vit_per_layer.open_set.per_class=3", run_dir=tmp_path)
-    res = read_results(tmp_path)
+def test_pmi_clip_openset_preset_learns_the_last_task_without_its_data(tmp_path):
+    res = run_in_process("experiment=pmi_clip_openset_cifar100", "+smoke=digits", "backbone=moe_clip_tiny",
+                         "trainer=cpu", "logger=none", "checkpoint=false",
+                         "inversion.vit_per_layer.open_set.per_class=3", run_dir=tmp_path)
     assert res["status"] == "completed" and len(res["accuracy_matrix"]) == 2
     boundary, open_set = res["inversion"]
     assert "open_set" not in boundary and open_set["open_set"] and open_set["task"] == 1

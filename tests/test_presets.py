@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, run_cli
+from helpers import REPO, run_cli, run_in_process
 
 from cl_inversion.data.datasets import imagefolder
-from cl_inversion.errors import ConfigError
 from cl_inversion.run import chosen_engine
+from cl_inversion.utils.errors import ConfigError
 
 EXPERIMENTS = REPO / "conf" / "experiment"
 # presets that reproduce a published row (they pick a method and name their task count); cifar10_cpu is a CPU
@@ -44,7 +44,7 @@ def test_presets_exist():
 @pytest.mark.parametrize("name", ALL_PRESETS)
 def test_every_preset_composes_and_validates(compose, name):
     from cl_inversion.run import LOADER_KEYS
-    from cl_inversion.validate import validate_config
+    from cl_inversion.utils.validate import validate_config
 
     assert (EXPERIMENTS / f"{name}.yaml").read_text().startswith("# @package _global_")
     cfg = compose([f"experiment={name}"])
@@ -166,11 +166,11 @@ def test_cifar10_cpu_preset_composes_and_runs_on_an_imagefolder(compose, tmp_pat
     assert cfg.scenario.n_tasks == 5 and cfg.inversion.n_images == 512
     root = tiny_imagefolder(tmp_path / "data")
     run_dir = tmp_path / "run"
-    run_cli("experiment=cifar10_cpu", "method=abd", f"dataset.root={root}", "dataset.cache=false",
-            "dataset.train_per_class=4", "dataset.batch_size=8", "scenario.n_tasks=2", "trainer.max_epochs=1",
-            "trainer.enable_progress_bar=false", "logger=none", "inversion.n_images=16", "inversion.generator.steps=2",
-            "inversion.generator.batch_size=8", run_dir=run_dir)
-    res = json.loads((run_dir / "results.json").read_text())
+    res = run_in_process("experiment=cifar10_cpu", "method=abd", f"dataset.root={root}", "dataset.cache=false",
+                         "dataset.train_per_class=4", "dataset.batch_size=8", "scenario.n_tasks=2",
+                         "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "logger=none",
+                         "inversion.n_images=16", "inversion.generator.steps=2", "inversion.generator.batch_size=8",
+                         run_dir=run_dir)
     assert res["status"] == "completed" and res["config"]["experiment_name"] == "cifar10_cpu"
     assert res["config"]["profile"] == "cifar10_cpu" and list(res["config"]["inversion"]) == [
         "n_images", "n_images_per_task", "grid", "generator"]  # the profile, and only the engine the run used

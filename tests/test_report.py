@@ -11,7 +11,7 @@ from pathlib import Path
 
 from helpers import REPO, cli_env
 
-from cl_inversion.io import write_json
+from cl_inversion.utils.io import write_json
 
 
 def fake_run(path: Path, method: str, seed: int, matrix: list[list[float]], status: str = "completed",

@@ -178,7 +178,7 @@ def test_truncated_checkpoint_is_an_error_naming_the_file(tmp_path, finished_run
 
 def test_atomic_write_leaves_old_file_when_writer_dies(tmp_path):
     """A write that fails half-way leaves the previous complete file and no temp file behind."""
-    from cl_inversion.io import _atomic_write, write_json
+    from cl_inversion.utils.io import _atomic_write, write_json
 
     path = tmp_path / "results.json"
     write_json(path, {"status": "running"})

@@ -41,7 +41,7 @@ def test_local_launcher_sweep_gives_one_run_dir_and_results_per_job(method_sweep
         assert r["status"] == "completed" and r["tasks_completed"] == 2
         assert [len(row) for row in r["accuracy_matrix"]] == [1, 2]
     assert (method_sweep / ".submitit").is_dir()  # really went through submitit, not the basic launcher
-    from cl_inversion.threads import available_cores
+    from cl_inversion.utils.threads import available_cores
 
     # the two jobs run at once: each gets half the cores (oversubscribed OpenMP threads spin)
     assert [r["threads"] for r in results] == [max(1, available_cores() // 2)] * 2
@@ -116,7 +116,7 @@ def test_slurm_launcher_config_matches_trainer_devices(tmp_path):
 import json, hydra
 from hydra.utils import instantiate
 from submitit.slurm.slurm import _make_sbatch_string
-from cl_inversion.config import register_configs
+from cl_inversion.utils.config import register_configs
 from cl_inversion.run import CONFIG_DIR
 register_configs()
 with hydra.initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from cl_inversion.errors import ConfigError
-from cl_inversion.io import save_checkpoint
+from cl_inversion.utils.errors import ConfigError
+from cl_inversion.utils.io import save_checkpoint
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 log = logging.getLogger("cl_inversion")

@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from cl_inversion.data.datasets import DatasetBundle, TensorImageDataset
-from cl_inversion.errors import ConfigError
+from cl_inversion.utils.errors import ConfigError
 
 
 def class_order_for(num_classes: int, seed: int | None) -> list[int]:

@@ -1,5 +1,6 @@
-"""The between-task inversion step: freeze the trained model as the teacher, run a synthesis engine,
-measure what it produced, and hand the method a replay for the next task (a `ContinualCallback` of the loop).
+"""The between-task inversion step: run a synthesis engine on the teacher the loop hands over (the frozen model of
+the task just learned, `TaskContext.teacher`), measure what it produced, and hand the method a replay for the
+next task (a `ContinualCallback` of the loop).
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cl_inversion.errors import ConfigError
 from cl_inversion.inversion.common import BNStatistics, frozen_eval
 from cl_inversion.inversion.engine import SynthesisEngine, missing_members
 from cl_inversion.loop.hooks import ContinualCallback, ReplayStudent, TaskContext
+from cl_inversion.utils.errors import ConfigError
 
 
 def frechet_distance(a: Tensor, b: Tensor) -> float:
@@ -67,16 +68,12 @@ and hands its replay to the student (`method.receive_replay`) for the next task.
         self.images: Tensor | None = None
         self.labels: Tensor | None = None
 
-    def teacher_of(self, method: ReplayStudent) -> nn.Module:
-        previous = method.previous
-        return previous if isinstance(previous, nn.Module) else method.frozen_copy()
-
     def between_tasks(self, method: ReplayStudent, context: TaskContext) -> None:
         if context.is_last:
             if getattr(self.engine, "open_set", None) is not None and getattr(method, "open_set_task", False):
                 self.open_set(method, context)
             return
-        teacher = self.teacher_of(method).to(context.device)
+        teacher = frozen_teacher(context.teacher, method).to(context.device)
         self.engine.setup(context.image_shape, context.pixel_range)
         began = time.perf_counter()
         datamodule = context.datamodule
@@ -100,7 +97,7 @@ and hands its replay to the student (`method.receive_replay`) for the next task.
     def open_set(self, method: ReplayStudent, context: TaskContext) -> None:
         """The last task's classes have no data: the engine makes their block inputs from the seen classes
         (`synthesize_open_set`) and the method learns them (`train_open_set`) before the evaluation."""
-        teacher = self.teacher_of(method).to(context.device)
+        teacher = frozen_teacher(context.teacher, method).to(context.device)
         self.engine.setup(context.image_shape, context.pixel_range)
         began = time.perf_counter()
         images, labels = self.engine.synthesize_open_set(teacher, method.n_old, method.n_seen)
@@ -165,7 +162,7 @@ and hands its replay to the student (`method.receive_replay`) for the next task.
             logger.log_metrics({f"inversion_task_{context.task}/{k}": v for k, v in point.items() if k != "step"},
                                step=int(point["step"]))
         if grid_path is not None:
-            from cl_inversion.logging_utils import log_image
+            from cl_inversion.utils.logging_utils import log_image
 
             log_image(logger, f"inversion/task_{context.task}", grid_path, step=context.task)
 
@@ -182,5 +179,16 @@ and hands its replay to the student (`method.receive_replay`) for the next task.
         self.images, self.labels = state["images"], state["labels"]
 
     def on_restore(self, method: ReplayStudent, is_last: bool) -> None:
+        """The replay again, from the restored synthetic set; the teacher is the method's frozen model as the
+        checkpoint restored it (what the loop hands `between_tasks` as `TaskContext.teacher`)."""
         if self.images is not None and not is_last:
-            method.receive_replay(self.engine.replay(self.teacher_of(method), self.images, self.labels))
+            method.receive_replay(self.engine.replay(frozen_teacher(method.previous, method), self.images,
+                                                     self.labels))
+
+
+def frozen_teacher(teacher: nn.Module | None, method: ReplayStudent) -> nn.Module:
+    """The teacher to invert; a student that keeps no frozen model of its last task has none to give."""
+    if teacher is None:
+        raise TypeError(f"{type(method).__name__} keeps no frozen model of the task just learned to invert "
+                        "(a replaying student sets keeps_previous_model = True, as InversionStudent does)")
+    return teacher

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from cl_inversion.nn_utils import batchnorm_layers, frozen_eval  # noqa: F401  (frozen_eval: engines' teacher mode)
+from cl_inversion.utils.nn_utils import batchnorm_layers, frozen_eval  # noqa: F401  (frozen_eval: engines' teacher mode)
 
 log = logging.getLogger("cl_inversion")
 

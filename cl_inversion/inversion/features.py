@@ -23,8 +23,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from cl_inversion.errors import ConfigError
-from cl_inversion.nn_utils import eval_mode
+from cl_inversion.utils.errors import ConfigError
+from cl_inversion.utils.nn_utils import eval_mode
 
 SELECTIONS = ("contrastive", "random")
 RESCALES = ("reference", "standardise")

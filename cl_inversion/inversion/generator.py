@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cl_inversion.errors import ConfigError
 from cl_inversion.inversion.common import (
     PRECISIONS,
     BNStatistics,
@@ -44,6 +43,7 @@ from cl_inversion.inversion.compiling import (
 )
 from cl_inversion.inversion.engine import EngineBase
 from cl_inversion.inversion.replay import GeneratorReplay
+from cl_inversion.utils.errors import ConfigError
 
 
 class Generator(nn.Module):

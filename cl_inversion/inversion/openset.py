@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from cl_inversion.inversion.features import ClassGaussians
 from cl_inversion.inversion.tokens import TokenStatistics, collect
-from cl_inversion.nn_utils import eval_mode
+from cl_inversion.utils.nn_utils import eval_mode
 
 
 def rotate_features(a: Tensor, b: Tensor, x: Tensor) -> Tensor:

@@ -59,7 +59,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from cl_inversion.errors import ConfigError
 from cl_inversion.inversion.common import (
     PRECISIONS,
     InputHooks,
@@ -86,7 +85,8 @@ from cl_inversion.inversion.tokens import (
     upsample,
 )
 from cl_inversion.models.moe_clip import is_expert_parameter
-from cl_inversion.nn_utils import batchnorm_layers
+from cl_inversion.utils.errors import ConfigError
+from cl_inversion.utils.nn_utils import batchnorm_layers
 
 HINT = "lower inversion.per_layer.lr / layer_lr or set inversion.per_layer.nan_retries"
 FEATURE_TARGETS = ("gaussian", "observed")

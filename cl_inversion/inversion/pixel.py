@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cl_inversion.errors import ConfigError
 from cl_inversion.inversion.common import (
     PRECISIONS,
     BNStatistics,
@@ -39,6 +38,7 @@ from cl_inversion.inversion.common import (
 )
 from cl_inversion.inversion.compiling import check_compile, compiled_teacher, decide, network_flops
 from cl_inversion.inversion.engine import EngineBase
+from cl_inversion.utils.errors import ConfigError
 
 LR_SCHEDULES = ("constant", "cosine")
 

@@ -1,6 +1,6 @@
 """Checkpoints and resume after a kill or a SLURM requeue.
 
-A run writes `checkpoints/task_<t>.ckpt` (atomic, see `io.py`) after every task. It continues from the
+A run writes `checkpoints/task_<t>.ckpt` (atomic, see `utils/io.py`) after every task. It continues from the
 newest one when
 
 * `resume=true` (an error if there is none), or
@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from cl_inversion.errors import ConfigError
-from cl_inversion.io import CHECKPOINT_FORMAT, CorruptCheckpointError, load_checkpoint
 from cl_inversion.loop.hooks import ContinualCallback
 from cl_inversion.methods.base import ContinualModule
+from cl_inversion.utils.errors import ConfigError
+from cl_inversion.utils.io import CHECKPOINT_FORMAT, CorruptCheckpointError, load_checkpoint
 
 log = logging.getLogger("cl_inversion")
 

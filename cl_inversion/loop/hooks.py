@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from cl_inversion.errors import TrainingDiverged
+from cl_inversion.utils.errors import TrainingDiverged
 
 
 @runtime_checkable
@@ -21,7 +21,9 @@ class Student(Protocol):
     """What a callback may use of the method being trained (`methods.base.ContinualModule` provides it)."""
 
     net: nn.Module
-    previous: nn.Module | None  # the frozen model of the previous task, for methods that keep one
+    # the frozen model of the last task learned, for methods that keep one (made by the method's `end_task`,
+    # remade from the checkpoint on resume); the loop hands it to the hooks as `TaskContext.teacher`
+    previous: nn.Module | None
     n_seen: int  # classes seen so far, the current task's included
 
     def frozen_copy(self) -> nn.Module: ...
@@ -38,7 +40,12 @@ class ReplayStudent(Student, Protocol):
 
 @dataclass
 class TaskContext:
-    """What a hook may need from the loop about the task just learned."""
+    """What a hook may need from the loop about the task just learned.
+
+    `teacher` is the frozen copy of the model that learned the tasks up to `task` — what synthesis inverts and
+    the student distils from during the next task: the method's `previous` (`Student`), the same module, made
+    by the method's `end_task` before `between_tasks` and `after_evaluation`. At `before_task` it is still the
+    previous task's (None before the first task); None throughout for a method that keeps no frozen model."""
 
     task: int
     run_dir: Path
@@ -50,6 +57,7 @@ class TaskContext:
     std: tuple[float, ...]
     device: torch.device = torch.device("cpu")  # where the task trained: synthesis runs there too
     is_last: bool = False  # the sequence's last task: no next task to replay for
+    teacher: nn.Module | None = None  # the frozen model of the task just learned (see above)
 
 
 class ContinualCallback(L.Callback):

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from cl_inversion.nn_utils import eval_mode
+from cl_inversion.utils.nn_utils import eval_mode
 
 Matrix = Sequence[Sequence[float]]
 

@@ -14,9 +14,9 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from cl_inversion.errors import ConfigError, user_error
-from cl_inversion.io import write_json
 from cl_inversion.loop.checkpoints import checkpoints
+from cl_inversion.utils.errors import ConfigError, user_error
+from cl_inversion.utils.io import write_json
 
 log = logging.getLogger("cl_inversion")
 

@@ -15,7 +15,6 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from cl_inversion import logging_utils
 from cl_inversion.build import (
     LOADER_KEYS,
     build_callbacks,
@@ -27,8 +26,6 @@ from cl_inversion.build import (
     check_scenario,
     chosen_engine,
 )
-from cl_inversion.errors import ConfigError
-from cl_inversion.io import save_checkpoint, write_json
 from cl_inversion.loop.checkpoints import (
     checkpoint_state,
     config_diff,
@@ -43,9 +40,12 @@ from cl_inversion.loop.metrics import Evaluation, evaluate
 from cl_inversion.loop.results import RunResults, TaskRecord
 from cl_inversion.loop.run_dir import claim_run_dir, failure_fields, hydra_choices
 from cl_inversion.methods.base import state_bytes
-from cl_inversion.provenance import now, provenance
-from cl_inversion.threads import set_job_threads
-from cl_inversion.validate import validate_config
+from cl_inversion.utils import logging_utils
+from cl_inversion.utils.errors import ConfigError
+from cl_inversion.utils.io import save_checkpoint, write_json
+from cl_inversion.utils.provenance import now, provenance
+from cl_inversion.utils.threads import set_job_threads
+from cl_inversion.utils.validate import validate_config
 
 log = logging.getLogger("cl_inversion")
 
@@ -196,10 +196,12 @@ class TaskLoop:
         return train_s
 
     def context(self, t: int, datamodule: Any, device: torch.device) -> TaskContext:
-        """What the loop's hooks see of task t (its real data included)."""
+        """What the loop's hooks see of task t (its real data included), and the teacher: the frozen model the
+        method made at its `end_task` (or restored from the checkpoint), as it is when the hook is called."""
         bundle = self.bundle
         return TaskContext(t, self.run_dir, self.logger, datamodule, bundle.image_shape, bundle.pixel_range(),
-                           bundle.mean, bundle.std, device, is_last=t == len(self.scenario) - 1)
+                           bundle.mean, bundle.std, device, is_last=t == len(self.scenario) - 1,
+                           teacher=self.method.previous)
 
     def call_hooks(self, hook: str, context: TaskContext) -> None:
         """One of the `ContinualCallback` hooks on every such callback, then their results into results.json."""

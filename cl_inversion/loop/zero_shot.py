@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from cl_inversion.loop.hooks import ContinualCallback, Student, TaskContext
-from cl_inversion.nn_utils import eval_mode
+from cl_inversion.utils.nn_utils import eval_mode
 
 log = logging.getLogger("cl_inversion")
 

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cl_inversion.errors import ConfigError
 from cl_inversion.methods.inversion_student import InversionStudent
 from cl_inversion.models.head import IncrementalLinear
+from cl_inversion.utils.errors import ConfigError
 
 HEAD_CLASSES = ("seen", "all")
 

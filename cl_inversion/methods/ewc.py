@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from cl_inversion.methods.l2 import L2
-from cl_inversion.nn_utils import eval_mode
+from cl_inversion.utils.nn_utils import eval_mode
 
 
 class EWC(L2):

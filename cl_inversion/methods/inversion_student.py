@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cl_inversion.errors import ConfigError
 from cl_inversion.methods.base import ContinualModule
+from cl_inversion.utils.errors import ConfigError
 
 
 def crop_flip_batch(x: Tensor, padding: int) -> Tensor:

@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from cl_inversion.errors import ConfigError
 from cl_inversion.methods.inversion_student import InversionStudent
 from cl_inversion.methods.pmi import pmi_loss_factors
 from cl_inversion.models.moe_clip import Adapter, MoEClipBackbone, PromptHead, is_expert_parameter
+from cl_inversion.utils.errors import ConfigError
 
 
 def warmup_cosine(step: int, warmup: int, steps: int) -> float:

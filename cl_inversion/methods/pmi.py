@@ -42,9 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cl_inversion.errors import ConfigError
 from cl_inversion.methods.inversion_student import InversionStudent
 from cl_inversion.methods.relation import RelationProjection
+from cl_inversion.utils.errors import ConfigError
 
 COMBINE = ("product", "sum")
 

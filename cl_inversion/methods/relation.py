@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cl_inversion.errors import ConfigError
 from cl_inversion.methods.inversion_student import InversionStudent
-from cl_inversion.nn_utils import eval_mode
+from cl_inversion.utils.errors import ConfigError
+from cl_inversion.utils.nn_utils import eval_mode
 
 FINETUNE_LOSSES = ("weighted", "balanced_softmax")
 FINETUNE_SCOPES = ("head", "all")

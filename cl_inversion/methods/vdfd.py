@@ -64,7 +64,7 @@ from hydra.utils import get_class
 from torch import Tensor, nn
 
 from cl_inversion.methods.base import ContinualModule, state_bytes
-from cl_inversion.nn_utils import eval_mode
+from cl_inversion.utils.nn_utils import eval_mode
 
 
 def node_average(grad: Tensor) -> Tensor:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from cl_inversion.nn_utils import has_batchnorm
+from cl_inversion.utils.nn_utils import has_batchnorm
 
 
 class Backbone(nn.Module):

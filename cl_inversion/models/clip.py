@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cl_inversion.errors import ConfigError
 from cl_inversion.models.backbones import Backbone
+from cl_inversion.utils.errors import ConfigError
 
 log = logging.getLogger("cl_inversion")
 CONFIG_DIR = Path(__file__).resolve().parent / "clip_configs"

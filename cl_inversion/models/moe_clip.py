@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cl_inversion.errors import ConfigError
 from cl_inversion.models.backbones import Backbone
 from cl_inversion.models.clip import (
     ClipInputs,
@@ -30,6 +29,7 @@ from cl_inversion.models.clip import (
     _Shared,
     register_clip_configs,
 )
+from cl_inversion.utils.errors import ConfigError
 
 
 class Adapter(nn.Module):

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cl_inversion.plots import accuracy_curves, accuracy_heatmap
+from cl_inversion.report.plots import accuracy_curves, accuracy_heatmap
 from cl_inversion.report.runs import (
     METRICS,
     SETTING,

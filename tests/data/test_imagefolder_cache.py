@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cl_inversion.data.datasets import imagefolder
-from cl_inversion.errors import ConfigError
+from cl_inversion.utils.errors import ConfigError
 
 
 def write_jpeg(path: Path, seed: int) -> Path:

@@ -3,7 +3,7 @@ import torch
 
 from cl_inversion.data import ClassIncrementalScenario, class_order_for, digits, task_sizes
 from cl_inversion.data.scenario import all_targets
-from cl_inversion.errors import ConfigError
+from cl_inversion.utils.errors import ConfigError
 
 
 @pytest.fixture(scope="module")

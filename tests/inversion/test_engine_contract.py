@@ -11,12 +11,12 @@ import torch
 
 from cl_inversion.data.datasets import digits
 from cl_inversion.data.scenario import ClassIncrementalScenario
-from cl_inversion.errors import ConfigError
 from cl_inversion.inversion import InversionCallback
 from cl_inversion.inversion.engine import EngineBase, SynthesisEngine, missing_members
 from cl_inversion.loop.hooks import TaskContext
 from cl_inversion.methods import ABD, Finetune
 from cl_inversion.models import IncrementalClassifier, SmallCNN
+from cl_inversion.utils.errors import ConfigError
 
 
 class NoiseEngine(EngineBase):
@@ -69,7 +69,7 @@ def test_the_callback_runs_the_engine_in_order_and_hands_the_replay_to_the_stude
     callback = InversionCallback(engine, n_images=8, grid=False)
     bundle = scenario.dataset
     callback.between_tasks(m, TaskContext(0, tmp_path, None, data, bundle.image_shape, bundle.pixel_range(),
-                                        bundle.mean, bundle.std))
+                                          bundle.mean, bundle.std, teacher=m.previous))
     assert engine.calls == ["setup", "observe", "synthesize"]
     images, labels = m.replay.sample(5)  # EngineBase's default replay: the synthesised buffer
     assert images.shape == (5, 1, 8, 8) and set(labels.tolist()) <= {0, 1}

@@ -5,14 +5,14 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import read_results
+from helpers import run_in_process
 from torch import nn
 
-from cl_inversion.errors import ConfigError
 from cl_inversion.inversion import BNStatistics, GeneratorInversion, PerLayerInversion, PixelInversion, SynthesisError
 from cl_inversion.inversion.callback import frechet_distance
 from cl_inversion.inversion.common import balanced_labels, gaussian_blur, gaussian_kl, total_variation_l2
 from cl_inversion.models import IncrementalClassifier, SmallCNN
+from cl_inversion.utils.errors import ConfigError
 
 PIXEL_RANGE = (torch.full((1, 1, 1), -1.0), torch.full((1, 1, 1), 2.0))
 
@@ -222,12 +222,12 @@ def test_frechet_distance_zero_for_same_set_positive_for_shift():
 
 
 @pytest.mark.parametrize("method", ["deepinversion", "abd", "pmi"])
-def test_cli_inversion_methods_on_digits(cli, tmp_path, method):
-    cli(f"method={method}", "scenario.n_tasks=3", "scenario.first_task_classes=4", "trainer.max_epochs=1",
+def test_inversion_methods_run_on_digits(tmp_path, method):
+    res = run_in_process(
+        f"method={method}", "scenario.n_tasks=3", "scenario.first_task_classes=4", "trainer.max_epochs=1",
         "trainer.enable_progress_bar=false", "inversion.n_images=40", "++inversion.pixel.steps=5",
         "++inversion.generator.steps=5", "++inversion.per_layer.layer_steps=3", "++inversion.per_layer.full_steps=3",
         run_dir=tmp_path)  # ++: a sweep's settings for every engine; the unused engines' are dropped
-    res = read_results(tmp_path)
     assert res["status"] == "completed" and len(res["accuracy_matrix"]) == 3
     engine = {"deepinversion": "pixel", "abd": "generator", "pmi": "per_layer"}[method]
     assert [k for k, v in res["config"]["inversion"].items() if isinstance(v, dict)] == [engine]  # only its own
@@ -247,9 +247,11 @@ def test_cli_inversion_methods_on_digits(cli, tmp_path, method):
 
 
 def test_any_engine_pairs_with_any_student(cli, tmp_path):
-    cli("method=deepinversion", "method.inversion=generator", "scenario.n_tasks=2", "trainer.max_epochs=1",
-        "trainer.enable_progress_bar=false", "inversion.n_images=20", "inversion.generator.steps=3", run_dir=tmp_path)
-    assert read_results(tmp_path)["inversion"][0]["engine"] == "generator"
+    res = run_in_process("method=deepinversion", "method.inversion=generator", "scenario.n_tasks=2",
+                         "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "inversion.n_images=20",
+                         "inversion.generator.steps=3", run_dir=tmp_path)
+    assert res["inversion"][0]["engine"] == "generator"
+    # on the command line: an engine that does not exist, or settings for another engine, are one error each
     bad = cli("method=abd", "method.inversion=dreams", run_dir=tmp_path / "bad", check=False)
     assert bad.returncode != 0 and "Could not find 'inversion/engine/dreams'" in bad.stderr
     assert "Available options in 'inversion/engine'" in bad.stderr and "Traceback" not in bad.stderr

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from cl_inversion.errors import ConfigError
 from cl_inversion.inversion import GeneratorInversion, PerLayerInversion, PixelInversion
 from cl_inversion.inversion.common import BNStatistics, batch_moments
 from cl_inversion.models import CifarResNet, IncrementalClassifier, SmallCNN
+from cl_inversion.utils.errors import ConfigError
 
 PIXEL_RANGE = (torch.full((3, 1, 1), -2.0), torch.full((3, 1, 1), 2.0))
 

@@ -1,13 +1,15 @@
 """Replay options of every inversion student: `replay_augment` (each replayed synthetic image is a crop of its
 zero-padded self, maybe flipped) and `replay_ratio` (synthetic images per real image)."""
 
+import pytest
 import torch
 import torch.nn.functional as F
-from helpers import read_results, run_cli, student_at_second_task
+from helpers import run_in_process, student_at_second_task
 
 from cl_inversion.inversion.replay import BufferReplay
 from cl_inversion.methods import PMI, DeepInversion
 from cl_inversion.methods.inversion_student import crop_flip_batch
+from cl_inversion.utils.errors import user_error
 
 
 def test_crop_flip_batch_is_a_per_image_crop_of_the_padded_image_or_its_mirror():
@@ -43,12 +45,14 @@ def test_students_sample_augmented_replay_only_when_asked():
         assert augmented.replay_loss(torch.randn(8, 1, 8, 8), torch.tensor([4, 5] * 4))["loss"].isfinite()
 
 
-def test_replay_augment_is_a_method_option_on_the_command_line(tmp_path):
-    run_cli("method=deepinversion", "method.replay_augment=true", "scenario.n_tasks=2", "trainer.max_epochs=1",
-            "inversion.n_images=16", "inversion.pixel.steps=2", "logger=none", run_dir=tmp_path / "ok")
-    assert read_results(tmp_path / "ok")["status"] == "completed"
-    bad = run_cli("method=deepinversion", "method.replay_augment=maybe", run_dir=tmp_path / "bad", check=False)
-    assert bad.returncode != 0 and "method.replay_augment" in bad.stderr
+def test_replay_augment_is_a_method_option_of_the_config(tmp_path):
+    ok = run_in_process("method=deepinversion", "method.replay_augment=true", "scenario.n_tasks=2",
+                        "trainer.max_epochs=1", "inversion.n_images=16", "inversion.pixel.steps=2", "logger=none",
+                        run_dir=tmp_path / "ok")
+    assert ok["status"] == "completed"
+    with pytest.raises(Exception) as bad:
+        run_in_process("method=deepinversion", "method.replay_augment=maybe", run_dir=tmp_path / "bad")
+    assert "method.replay_augment" in str(user_error(bad.value))  # the one line the CLI prints
 
 
 def test_replay_ratio_sets_the_synthetic_images_drawn_per_real_image():
@@ -61,13 +65,14 @@ def test_replay_ratio_sets_the_synthetic_images_drawn_per_real_image():
         assert student.replay_loss(torch.randn(8, 1, 8, 8), torch.tensor([4, 5] * 4))["loss"].isfinite()
 
 
-def test_replay_ratio_is_a_method_option_on_the_command_line(tmp_path):
-    run_cli("method=pmi", "method.replay_ratio=2", "scenario.n_tasks=2", "trainer.max_epochs=1",
-            "inversion.n_images=16", "inversion.per_layer.layer_steps=2", "inversion.per_layer.full_steps=2",
-            "logger=none", run_dir=tmp_path / "ok")
-    assert read_results(tmp_path / "ok")["status"] == "completed"
-    bad = run_cli("method=abd", "method.replay_ratio=0", run_dir=tmp_path / "bad", check=False)
-    assert bad.returncode != 0 and "method.replay_ratio" in bad.stderr
+def test_replay_ratio_is_a_method_option_of_the_config(tmp_path):
+    ok = run_in_process("method=pmi", "method.replay_ratio=2", "scenario.n_tasks=2", "trainer.max_epochs=1",
+                        "inversion.n_images=16", "inversion.per_layer.layer_steps=2",
+                        "inversion.per_layer.full_steps=2", "logger=none", run_dir=tmp_path / "ok")
+    assert ok["status"] == "completed"
+    with pytest.raises(Exception) as bad:
+        run_in_process("method=abd", "method.replay_ratio=0", run_dir=tmp_path / "bad")
+    assert "method.replay_ratio" in str(user_error(bad.value))  # the one line the CLI prints
 
 
 def test_abd_class_balance_gives_each_class_an_equal_share_whatever_the_replay_ratio():

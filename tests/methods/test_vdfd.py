@@ -8,16 +8,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import FAST, read_results, run_cli
+from helpers import FAST, run_in_process
 from torch import nn
 
 from cl_inversion.data import ClassIncrementalScenario, digits
-from cl_inversion.io import load_checkpoint, save_checkpoint
 from cl_inversion.loop.checkpoints import checkpoint_state, restore
 from cl_inversion.methods import VDFD
 from cl_inversion.methods.base import state_bytes
 from cl_inversion.methods.vdfd import GCN, compress, linearised, normalized_adjacency
 from cl_inversion.models import IncrementalClassifier, SmallCNN
+from cl_inversion.utils.io import load_checkpoint, save_checkpoint
 
 SGD = functools.partial(torch.optim.SGD, lr=0.1)
 
@@ -186,9 +186,8 @@ def test_checkpoint_resume_restores_the_regulariser(scenario, tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_run_on_digits(tmp_path):
-    run_cli("method=vdfd", "scenario.n_tasks=2", *FAST, run_dir=tmp_path)
-    results = read_results(tmp_path)
+def test_run_on_digits(tmp_path):
+    results = run_in_process("method=vdfd", "scenario.n_tasks=2", *FAST, run_dir=tmp_path)
     assert results["status"] == "completed" and results["tasks_completed"] == 2
     assert 0 < results["final_accuracy"] <= 100
     header, *rows = (tmp_path / "logs" / "metrics.csv").read_text().splitlines()

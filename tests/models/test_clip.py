@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from helpers import read_results
 
 from cl_inversion.data import ClassIncrementalScenario, digits
-from cl_inversion.errors import ConfigError
 from cl_inversion.methods.finetune import Finetune
 from cl_inversion.models import ClipBackbone, IncrementalClassifier, SmallCNN
 from cl_inversion.models.clip import register_clip_configs
+from cl_inversion.utils.errors import ConfigError
 
 CLIP_RUN = ["backbone=clip_tiny", "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "logger=none",
             "checkpoint=false"]

@@ -41,7 +41,7 @@ def second_task(run: Path, overrides: list[str], resynthesize: bool = False) -> 
             L.seed_everything(task_seed(cfg.seed, 0), verbose=False)
             first = loop.scenario.datamodule(0, cfg.dataset.batch_size, cfg.dataset.num_workers,
                                              seed=task_seed(cfg.seed, 0))
-            loop.between_tasks(0, first, torch.device("cpu"))
+            loop.call_hooks("between_tasks", loop.context(0, first, torch.device("cpu")))  # teacher: task 0's
             record = loop.results.extra["inversion"][-1]
             print(f"resynthesised: teacher accuracy {record['teacher_accuracy']:.1f}, feature distance "
                   f"{record['feature_distance']:.3f}, {record['wall_s']:.0f} s", flush=True)

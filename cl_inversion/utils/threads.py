@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from cl_inversion.errors import ConfigError
+from cl_inversion.utils.errors import ConfigError
 from hydra_plugins.cl_inversion_launcher import CONCURRENT_JOBS_ENV
 
 

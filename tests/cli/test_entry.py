@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO, cli_env
 
-from cl_inversion import entry
+from cl_inversion.cli import entry
 
 TINY_RUN = ["method=finetune", "scenario.n_tasks=2", "trainer.max_epochs=1", "logger=none",
             "trainer.enable_progress_bar=false"]
@@ -107,7 +107,7 @@ def test_wheel_console_script_runs_from_any_directory(tmp_path):
                              text=True, timeout=600)
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
 
-    where = subprocess.run([str(vpy), "-c", "import cl_inversion, cl_inversion.entry as e; "
+    where = subprocess.run([str(vpy), "-c", "import cl_inversion, cl_inversion.cli.entry as e; "
                             "print(cl_inversion.__file__); print(e.config_dir())"],
                            cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert where.returncode == 0, where.stderr[-3000:]

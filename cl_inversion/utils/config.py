@@ -49,7 +49,7 @@ class RunConfig:
     callbacks: Any = field(default_factory=dict)  # name -> {_target_: ...}: Lightning callbacks of the run
     checkpoint: bool = True
     experiment_name: str | None = None
-    threads: int | None = None  # torch intra-op threads; null: from the job's CPU allocation (cl_inversion.threads)
+    threads: int | None = None  # torch intra-op threads; null: from the job's CPU allocation (utils.threads)
     published: PublishedConfig | None = None  # set by experiment presets that reproduce a table row
 
 

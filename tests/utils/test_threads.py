@@ -3,10 +3,10 @@ among a local multirun's jobs, the CPU affinity; recorded in results.json."""
 
 import pytest
 import torch
-from helpers import cli_env, read_results, run_cli
+from helpers import run_in_process
 
-from cl_inversion.errors import ConfigError
-from cl_inversion.threads import available_cores, job_threads, set_job_threads
+from cl_inversion.utils.errors import ConfigError
+from cl_inversion.utils.threads import available_cores, job_threads, set_job_threads
 from hydra_plugins.cl_inversion_launcher import CONCURRENT_JOBS_ENV
 
 ENV = ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK", CONCURRENT_JOBS_ENV)
@@ -39,13 +39,14 @@ def test_threads_come_from_the_key_then_the_environment_then_the_cores(clean_env
         torch.set_num_threads(before)
 
 
-def test_run_records_its_threads_and_rejects_a_bad_count(tmp_path):
+def test_run_records_its_threads_and_rejects_a_bad_count(tmp_path, clean_env):
     base = ["method=finetune", "scenario.n_tasks=2", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
             "logger=none"]
-    env = cli_env()
-    env["SLURM_CPUS_PER_TASK"] = "1"
-    env.pop("OMP_NUM_THREADS", None)
-    run_cli(*base, run_dir=tmp_path / "slurm", env=env)
-    assert read_results(tmp_path / "slurm")["threads"] == 1
-    proc = run_cli(*base, "threads=0", run_dir=tmp_path / "bad", check=False)
-    assert proc.returncode != 0 and "threads=0 must be an integer >= 1" in proc.stderr
+    clean_env.setenv("SLURM_CPUS_PER_TASK", "1")
+    before = torch.get_num_threads()
+    try:
+        assert run_in_process(*base, run_dir=tmp_path / "slurm")["threads"] == 1
+        with pytest.raises(ConfigError, match="threads=0 must be an integer >= 1"):
+            run_in_process(*base, "threads=0", run_dir=tmp_path / "bad")
+    finally:
+        torch.set_num_threads(before)

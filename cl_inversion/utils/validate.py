@@ -17,7 +17,7 @@ from typing import Any
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
-from cl_inversion.errors import ConfigError
+from cl_inversion.utils.errors import ConfigError
 
 _SIMPLE = (bool, int, float, str, type(None))
 

@@ -17,7 +17,7 @@ import sysconfig
 from collections.abc import Sequence
 from pathlib import Path
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # cl_inversion/ (this file is cl_inversion/cli/entry.py)
 REPO_CONFIG_DIR = PACKAGE_DIR.parent / "conf"
 INSTALLED_CONFIG_DIR = Path("share", "cl_inversion", "conf")  # relative to the install scheme's data dir
 SLURM_COMMANDS = ("sbatch", "srun")  # submitit's SLURM executor needs both

@@ -120,8 +120,8 @@ def test_log_image_reaches_wandb_and_tensorboard(tmp_path):
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from cl_inversion.logging_utils import log_image
-    from cl_inversion.plots import accuracy_heatmap
+    from cl_inversion.report.plots import accuracy_heatmap
+    from cl_inversion.utils.logging_utils import log_image
 
     png = accuracy_heatmap([[90.0], [40.0, 95.0]], tmp_path / "grid.png", title="grid")
     wb = WandbLogger(save_dir=str(tmp_path), offline=True, project="test")

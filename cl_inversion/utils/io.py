@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from cl_inversion.errors import UserError
+from cl_inversion.utils.errors import UserError
 
 
 def _atomic_write(path: Path, write) -> None:

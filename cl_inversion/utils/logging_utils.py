@@ -121,7 +121,7 @@ def log_final(logger: Logger | bool, results: RunResults, run_dir: Path) -> None
         return
     scalars = {k: results.summary[k] for k in SUMMARY_KEYS if results.summary.get(k) is not None}
     logger.log_metrics({f"summary/{k}": v for k, v in scalars.items()}, step=len(results.accuracy_matrix))
-    from cl_inversion.plots import accuracy_heatmap
+    from cl_inversion.report.plots import accuracy_heatmap
 
     heatmap = accuracy_heatmap(results.accuracy_matrix, run_dir / "accuracy_matrix.png",
                                title=f"{results.method} on {results.dataset}")
