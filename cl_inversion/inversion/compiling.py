@@ -31,8 +31,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from cl_inversion.errors import ConfigError
 from cl_inversion.models.head import IncrementalClassifier
+from cl_inversion.utils.errors import ConfigError
 
 #: `compile: auto` on a CPU: compile when a boundary plans at least this many FLOPs (forward + backward).
 #: The break-even measured on one thread (ResNet-32, cold compile, two runs; docs/experiments/synthesis_speed.md)

@@ -6,7 +6,6 @@ import torch
 from hydra.utils import instantiate
 
 from cl_inversion.build import chosen_engine, compose
-from cl_inversion.errors import ConfigError
 from cl_inversion.inversion import Generator, GeneratorInversion, PixelInversion
 from cl_inversion.inversion.compiling import (
     CPU_BREAK_EVEN_FLOP,
@@ -17,6 +16,7 @@ from cl_inversion.inversion.compiling import (
     network_flops,
 )
 from cl_inversion.models import IncrementalClassifier, SmallCNN
+from cl_inversion.utils.errors import ConfigError
 
 CPU = torch.device("cpu")
 RANGE = (torch.full((1, 1, 1), -1.0), torch.full((1, 1, 1), 2.0))
