@@ -37,7 +37,8 @@ class SynthesisCrash(ContinualCallback):
 
 
 class TeacherProbe(ContinualCallback):
-    """Records what every hook's context says of the teacher: none, or the student's frozen previous model."""
+    """Records what every hook's context says of the teacher (none, or the student's frozen previous model), of
+    the classes seen and of whether the task is the last."""
 
     acts_between_tasks = False  # looks only
 
@@ -48,7 +49,7 @@ class TeacherProbe(ContinualCallback):
         teacher = context.teacher
         kind = ("none" if teacher is None else "previous" if teacher is student.previous else "other")
         frozen = teacher is not None and not teacher.training and not any(p.requires_grad for p in teacher.parameters())
-        self.seen.append([hook, context.task, kind, frozen])
+        self.seen.append([hook, context.task, kind, frozen, context.n_seen, context.is_last])
 
     def before_task(self, student, context) -> None:
         self.note("before_task", student, context)

@@ -58,6 +58,7 @@ class TaskContext:
     device: torch.device = torch.device("cpu")  # where the task trained: synthesis runs there too
     is_last: bool = False  # the sequence's last task: no next task to replay for
     teacher: nn.Module | None = None  # the frozen model of the task just learned (see above)
+    n_seen: int = 0  # classes of the tasks up to and including `task` (the teacher's outputs)
 
 
 class ContinualCallback(L.Callback):

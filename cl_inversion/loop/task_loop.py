@@ -201,7 +201,7 @@ class TaskLoop:
         bundle = self.bundle
         return TaskContext(t, self.run_dir, self.logger, datamodule, bundle.image_shape, bundle.pixel_range(),
                            bundle.mean, bundle.std, device, is_last=t == len(self.scenario) - 1,
-                           teacher=self.method.previous)
+                           teacher=self.method.previous, n_seen=self.method.n_seen)
 
     def call_hooks(self, hook: str, context: TaskContext) -> None:
         """One of the `ContinualCallback` hooks on every such callback, then their results into results.json."""
