@@ -63,7 +63,8 @@ def planned(overrides: list[str]) -> tuple[bool, str]:
     cfg = compose(overrides)
     name, engine_cfg = chosen_engine(cfg)
     engine = instantiate(engine_cfg)
-    shape = (1, 8, 8) if cfg.dataset._target_.endswith("digits") else (3, 32, 32)
+    size = 8 if cfg.dataset._target_.endswith("digits") else cfg.dataset.get("image_size") or 32
+    shape = (cfg.dataset.channels, size, size)
     backbone = instantiate(cfg.backbone)
     teacher = IncrementalClassifier(backbone)
     teacher.grow(4)
@@ -80,18 +81,19 @@ def planned(overrides: list[str]) -> tuple[bool, str]:
     return compile_pays(steps, batch, flops, CPU), name
 
 
-@pytest.mark.parametrize("method", ["deepinversion", "abd", "rdfcil", "pmi"])
-def test_auto_stays_eager_at_the_digits_budgets(method):
-    on, _ = planned([f"method={method}"])
-    assert not on
-
-
-@pytest.mark.parametrize("overrides", [["experiment=abd_cifar100_10t"], ["experiment=rdfcil_cifar100_10t"],
-                                       ["experiment=pmi_cifar100_10t"],
-                                       ["experiment=cifar10_cpu", "method=abd"],
-                                       ["experiment=cifar10_cpu", "method=deepinversion"]])
-def test_auto_compiles_at_the_cifar_budgets(overrides):
+@pytest.mark.parametrize("overrides", [[f"method={m}"] for m in ("deepinversion", "abd", "rdfcil", "pmi")]
+                         + [["experiment=cifar10_cpu", f"method={m}"] for m in ("deepinversion", "abd", "pmi")])
+def test_auto_stays_eager_at_the_digits_and_cifar10_cpu_budgets(overrides):
+    """Digits (so the pinned matrices hold) and the 16x16 CPU profile, whose largest boundary (ABD's 1 000
+    generator steps, 3.7e13 FLOP) is near the measured break-even, not clearly past it."""
     on, name = planned(overrides)
+    assert not on, name
+
+
+@pytest.mark.parametrize("preset", ["abd_cifar100_10t", "rdfcil_cifar100_10t", "pmi_cifar100_10t",
+                                    "deepinversion_cifar100_10t"])
+def test_auto_compiles_at_the_published_cifar_budgets(preset):
+    on, name = planned([f"experiment={preset}"])
     assert on, name
 
 
