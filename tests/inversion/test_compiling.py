@@ -217,3 +217,17 @@ def test_auto_stays_eager_where_inductor_has_no_compiler():
     finally:
         can_compile.cache_clear()
     assert can_compile("cpu")
+
+
+@pytest.mark.slow
+def test_a_compiled_run_is_deterministic(compose, tmp_path):
+    """Same config and seed, compiled synthesis: the same accuracy matrix and synthetic images."""
+    from cl_inversion.run import run
+
+    overrides = ["method=deepinversion", "scenario.n_tasks=2", "trainer.max_epochs=1", "logger=none",
+                 "trainer.enable_progress_bar=false", "inversion.n_images=20", "inversion.pixel.steps=3",
+                 "inversion.pixel.compile=true"]
+    first = run(compose(overrides), run_dir=tmp_path / "a").to_dict()
+    second = run(compose(overrides), run_dir=tmp_path / "b").to_dict()
+    assert first["accuracy_matrix"] == second["accuracy_matrix"]
+    assert first["inversion"][0]["bn_distance"] == second["inversion"][0]["bn_distance"]
