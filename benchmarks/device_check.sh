@@ -39,6 +39,7 @@ on "${T_TESTS:-}" && timeout "${T_TESTS:-60}" $PY -m pytest -q -p no:cacheprovid
 boundary() {  # <name> <seconds> <experiment> <overrides...>: run an experiment until its first boundary is recorded
   local name=$1 limit=$2 experiment=$3; shift 3
   local dir=/tmp/device_check_$name
+  rm -rf "$dir"  # a stale results.json would end the wait at once
   timeout "$limit" $PY -m cl_inversion "experiment=$experiment" "trainer=$TRAINER" trainer.max_epochs=2 \
     dataset._target_=benchmarks.stand_in_data.cifar100_shaped logger=none trainer.enable_progress_bar=false \
     checkpoint=false overwrite=true "hydra.run.dir=$dir" "${EXTRA[@]}" "$@" > "/tmp/$name.log" 2>&1 &
@@ -56,9 +57,11 @@ boundary() {  # <name> <seconds> <experiment> <overrides...>: run an experiment 
 }
 
 say "3. synthesis_speed on cuda: eager, compiled, graphed, options; compile time apart"
-on "${T_SPEED:-}" && timeout "${T_SPEED:-200}" $PY -m benchmarks.synthesis_speed --device "$DEV" --compile "${SPEED[@]}" \
-  > "$OUT/synthesis_speed.json" 2> /tmp/synthesis_speed.err
-tail -3 /tmp/synthesis_speed.err 2>/dev/null; tail -c 3000 "$OUT/synthesis_speed.json" 2>/dev/null
+if on "${T_SPEED:-}"; then
+  timeout "${T_SPEED:-200}" $PY -m benchmarks.synthesis_speed --device "$DEV" --compile "${SPEED[@]}" \
+    > "$OUT/synthesis_speed.json" 2> /tmp/synthesis_speed.err
+  tail -3 /tmp/synthesis_speed.err; tail -c 3000 "$OUT/synthesis_speed.json"
+fi
 
 say "4. boundary of abd_cifar100_10t, 10k generator steps, compile: auto"
 on "${T_BOUNDARY:-}" && boundary boundary_auto "${T_BOUNDARY:-300}" abd_cifar100_10t

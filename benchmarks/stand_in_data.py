@@ -11,11 +11,19 @@ from __future__ import annotations
 
 import torch
 
-from cl_inversion.data.datasets import CIFAR100_MEAN, CIFAR100_STD, DatasetBundle, TensorImageDataset, crop_flip
+from cl_inversion.data.datasets import (
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    DatasetBundle,
+    TensorImageDataset,
+    crop_fill_values,
+    crop_flip,
+)
 
 
 def cifar100_shaped(root: str = "data", download: bool = False, augment: bool = True, color_jitter: bool = False,
-                    n_train: int = 50_000, n_test: int = 10_000, seed: int = 0) -> DatasetBundle:
+                    crop_fill: str = "zero", n_train: int = 50_000, n_test: int = 10_000,
+                    seed: int = 0) -> DatasetBundle:
     """CIFAR-100's 100 classes of 3x32x32 uint8 images, pixels uniform random (root/download unused)."""
     g = torch.Generator().manual_seed(seed)
 
@@ -26,7 +34,8 @@ def cifar100_shaped(root: str = "data", download: bool = False, augment: bool = 
     return DatasetBundle(
         name="cifar100_shaped",
         train=TensorImageDataset(xtr, ytr, CIFAR100_MEAN, CIFAR100_STD,
-                                 crop_flip(color_jitter=color_jitter) if augment else None),
+                                 crop_flip(color_jitter=color_jitter, fill=crop_fill_values(crop_fill, CIFAR100_MEAN))
+                                 if augment else None),
         test=TensorImageDataset(xte, yte, CIFAR100_MEAN, CIFAR100_STD),
         class_names=[f"class_{c}" for c in range(100)],
         mean=CIFAR100_MEAN,

@@ -168,3 +168,13 @@ def test_covariance_memory_reports_stored_bytes_fit_and_nll_per_width():
         assert r["laplace_stored_bytes"] == 12 * c and r["dense_stored_bytes"] == 4 * (c + c * c)
         assert r["laplace_fit_s"] > 0 and r["laplace_nll_ms"] > 0 and r["dense_nll_ms"] > 0
         assert r["laplace_nll"] == r["laplace_nll"] and r["dense_nll"] == r["dense_nll"]  # finite, not NaN
+
+
+@pytest.mark.parametrize("preset", ["abd_cifar100_10t", "pmi_cifar100_10t", "rdfcil_cifar100_10t"])
+def test_the_cifar100_stand_in_takes_every_dataset_option_of_the_presets(preset):
+    """benchmarks/device_check.sh runs these presets on the random-pixel stand-in: it must accept what they set."""
+    from cl_inversion.build import LOADER_KEYS, compose
+    from cl_inversion.utils.validate import validate_config
+
+    cfg = compose([f"experiment={preset}", "dataset._target_=benchmarks.stand_in_data.cifar100_shaped"])
+    validate_config(cfg, {"dataset": {k: int for k in LOADER_KEYS}})
