@@ -62,3 +62,24 @@ def test_compiled_and_graphed_pixel_steps_give_the_eager_images_on_the_gpu(mode)
         return engine.synthesize(teacher, [0, 1, 2, 3], 16)[0]
 
     assert torch.allclose(images(True), images(False), atol=1e-3)
+
+
+def test_the_generator_alternates_eager_and_compiled_boundaries_on_the_gpu():
+    """ABD keeps its generator and Adam across boundaries: a compiled boundary (fused Adam, step counts on the
+    GPU) between eager ones (step counts on the host) must run, and train."""
+    from cl_inversion.inversion import GeneratorInversion
+    from cl_inversion.models import CifarResNet, IncrementalClassifier
+
+    torch.manual_seed(0)
+    teacher = IncrementalClassifier(CifarResNet(8, in_channels=3, variant="abd"))
+    teacher.grow(4)
+    teacher = teacher.cuda().eval()
+    engine = GeneratorInversion(steps=3, batch_size=16, z_dim=32, progress=False)
+    engine.setup((3, 32, 32), (torch.full((3, 1, 1), -2.0), torch.full((3, 1, 1), 2.0)))
+    for compile in (False, True, False):
+        engine.compile = compile
+        before = [p.detach().clone() for p in engine.generator.parameters()] if engine.generator else None
+        images, _ = engine.synthesize(teacher, [0, 1, 2, 3], 16)
+        assert torch.isfinite(images).all()
+        if before is not None:
+            assert any(not torch.equal(b, p) for b, p in zip(before, engine.generator.parameters()))

@@ -231,3 +231,16 @@ def test_a_compiled_run_is_deterministic(compose, tmp_path):
     second = run(compose(overrides), run_dir=tmp_path / "b").to_dict()
     assert first["accuracy_matrix"] == second["accuracy_matrix"]
     assert first["inversion"][0]["bn_distance"] == second["inversion"][0]["bn_distance"]
+
+
+def test_a_kept_generator_alternates_eager_and_compiled_boundaries():
+    """ABD's generator and Adam kept across boundaries: eager, compiled (fused Adam), eager again all train, and
+    Adam's step counts end where its default update keeps them (the host, the default dtype)."""
+    engine = GeneratorInversion(steps=2, batch_size=8, z_dim=16, progress=False)
+    engine.setup((1, 8, 8), RANGE)
+    for compile in (False, True, False):
+        engine.compile = compile
+        engine.synthesize(classifier(0, 2), [0, 1], 8)
+    steps = [state["step"] for state in engine.optimizer.state.values()]
+    assert steps and all(float(s) == 6 and s.device.type == "cpu" and s.dtype == torch.float32 for s in steps)
+    assert engine.optimizer.param_groups[0]["fused"] is None
