@@ -51,9 +51,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from cl_inversion.inversion import Generator, GeneratorInversion, PerLayerInversion, PixelInversion, common
+from cl_inversion.inversion import GeneratorInversion, PerLayerInversion, PixelInversion, common
 from cl_inversion.inversion.common import BNStatistics, SynthesisProgress, frozen_eval
-from cl_inversion.inversion.compiling import compile_pays, compiled_teacher, network_flops
+from cl_inversion.inversion.compiling import compile_pays, compiled_teacher
 
 N_CLASSES = 10
 SHAPE = (3, 32, 32)
@@ -166,10 +166,11 @@ BENCH_BATCH = {"pixel": 256, "generator": 128, "per_layer": 256}
 
 def step_flops(engine: str, teacher: nn.Module, device: torch.device) -> float:
     """Forward FLOPs per sample of the engine's step (what `compile: auto` weighs)."""
-    flops = network_flops(teacher, torch.zeros(2, *SHAPE, device=device))
+    instance = {"pixel": PixelInversion, "generator": GeneratorInversion, "per_layer": PerLayerInversion}[engine]()
+    instance.setup(SHAPE, PIXEL_RANGE)
     if engine == "generator":
-        flops += network_flops(Generator(1000, SHAPE[0], SHAPE[-1]).to(device), torch.zeros(2, 1000, device=device))
-    return flops
+        instance._fresh_generator(device, instance.lr)
+    return instance.step_flops(teacher)
 
 
 def boundary(engine: str, ms: dict[str, float], compile_s: float | None, batch: int, flops: float,

@@ -73,12 +73,17 @@ def network_flops(net: nn.Module, example: Tensor) -> float:
     return flops_per_sample(probe, example)
 
 
+def planned_flop(steps: int, batch: int, flops: float) -> float:
+    """A synthesis's arithmetic: forward + backward (3 × the forward) of `steps` steps of `batch` samples."""
+    return 3.0 * steps * batch * flops
+
+
 def compile_pays(steps: int, batch: int, flops: float, device: torch.device) -> bool:
     """The `compile: auto` rule (module docstring): does compiling pay for `steps` steps of `batch` samples?"""
     if device.type == "cuda":
         return steps >= CUDA_BREAK_EVEN_STEPS
     if device.type == "cpu":
-        return 3.0 * steps * batch * flops >= CPU_BREAK_EVEN_FLOP
+        return planned_flop(steps, batch, flops) >= CPU_BREAK_EVEN_FLOP
     return False
 
 
@@ -108,7 +113,7 @@ def decide(setting: bool | str, steps: int, batch: int, flops: Callable[[], floa
         return False
     per_sample = flops()
     on = compile_pays(steps, batch, per_sample, device)
-    planned = 3.0 * steps * batch * per_sample
+    planned = planned_flop(steps, batch, per_sample)
     notes.append(f"{engine} compile auto: {'on' if on else 'off'} ({steps} steps of batch {batch}, "
                  f"{planned:.2g} FLOP planned on {device.type}; break-even {CPU_BREAK_EVEN_FLOP:.0e} FLOP on cpu, "
                  f"{CUDA_BREAK_EVEN_STEPS} steps on cuda)")
@@ -122,10 +127,9 @@ class CompiledTeacher:
 
     def __init__(self, teacher: nn.Module, mode: str = "default") -> None:
         self.teacher = teacher
-        options = {} if mode == "default" else {"mode": mode}
         split = isinstance(teacher, IncrementalClassifier) and type(teacher).forward is IncrementalClassifier.forward
-        self.backbone = torch.compile(teacher.backbone, **options) if split else None
-        self.whole = None if split else torch.compile(teacher, **options)
+        self.backbone = torch.compile(teacher.backbone, mode=mode) if split else None
+        self.whole = None if split else torch.compile(teacher, mode=mode)
 
     def __call__(self, x: Tensor) -> Tensor:
         if self.backbone is None:
@@ -143,9 +147,7 @@ def compiled_teacher(teacher: nn.Module, enabled: bool, mode: str = "default") -
 
 def compiled_module(module: nn.Module, enabled: bool, mode: str = "default") -> nn.Module:
     """A generator (or any module kept whole) compiled; a fresh one of the same class reuses the compiled code."""
-    if not enabled:
-        return module
-    return torch.compile(module) if mode == "default" else torch.compile(module, mode=mode)
+    return torch.compile(module, mode=mode) if enabled else module
 
 
 @contextmanager

@@ -18,9 +18,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor, nn
 
 from cl_inversion.inversion.common import SynthesisStats
+from cl_inversion.inversion.compiling import decide, network_flops
 from cl_inversion.inversion.replay import BufferReplay
 
 
@@ -87,3 +89,19 @@ class EngineBase:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+    # --- `compile: auto` (compiling.py), for engines with a `compile` setting ----------------------------
+    def planned_steps(self, n: int) -> tuple[int, int]:
+        """The compiled phase's steps at a boundary of `n` images, and their batch."""
+        raise NotImplementedError
+
+    def step_flops(self, teacher: nn.Module) -> float:
+        """Forward FLOPs per sample of a step: the teacher's on one image."""
+        device = next(teacher.parameters()).device
+        return network_flops(teacher, torch.zeros(2, *self.image_shape, device=device))
+
+    def compiles(self, teacher: nn.Module, n: int) -> bool:
+        """Whether this boundary's synthesis runs compiled (`compile: true | false | auto`)."""
+        steps, batch = self.planned_steps(n)
+        return decide(self.compile, steps, batch, lambda: self.step_flops(teacher),
+                      next(teacher.parameters()).device, self.stats.notes, self.name)

@@ -33,14 +33,7 @@ from cl_inversion.inversion.common import (
     memory_format,
     retry_on_nan,
 )
-from cl_inversion.inversion.compiling import (
-    check_compile,
-    compiled_module,
-    compiled_teacher,
-    decide,
-    fused_adam,
-    network_flops,
-)
+from cl_inversion.inversion.compiling import check_compile, compiled_module, compiled_teacher, fused_adam, network_flops
 from cl_inversion.inversion.engine import EngineBase
 from cl_inversion.inversion.replay import GeneratorReplay
 from cl_inversion.utils.errors import ConfigError
@@ -128,8 +121,7 @@ class GeneratorInversion(EngineBase):
         generator.requires_grad_(True)  # the previous task's replay froze it while the student trained
         progress = SynthesisProgress(self.steps, "ABD generator", self.stats, self.log_every, self.progress,
                                      engine=self.name, hint=f"lower inversion.{self.name}.lr or set nan_retries")
-        on = decide(self.compile, self.steps, self.batch_size, lambda: self.step_flops(teacher), device,
-                    self.stats.notes, self.name)
+        on = self.compiles(teacher, n=0)  # the generator's plan does not depend on the images sampled after
         with (frozen_eval(teacher), BNStatistics(teacher) as bn, memory_format(teacher, self.channels_last),
               memory_format(generator, self.channels_last), fused_adam(self.optimizer, on)):
             if not len(bn):
@@ -152,12 +144,13 @@ class GeneratorInversion(EngineBase):
             finally:
                 progress.close()
 
+    def planned_steps(self, n: int) -> tuple[int, int]:
+        return self.steps, self.batch_size  # the generator trains for its steps whatever the images sampled after
+
     def step_flops(self, teacher: nn.Module) -> float:
         """Forward FLOPs per generated image of a step: the generator's and the teacher's."""
-        device = next(teacher.parameters()).device
-        z = torch.zeros(2, self.generator.z_dim, device=device)
-        images = torch.zeros(2, *self.image_shape, device=device)
-        return network_flops(self.generator, z) + network_flops(teacher, images)
+        z = torch.zeros(2, self.z_dim, device=next(teacher.parameters()).device)
+        return network_flops(self.generator, z) + super().step_flops(teacher)
 
     def loss_terms(self, teacher: nn.Module, bn: BNStatistics, images: Tensor, n_classes: int) -> dict[str, Tensor]:
         """The generator loss on one batch of generated images (`bn` hooks the teacher), term by term."""

@@ -69,7 +69,7 @@ from cl_inversion.inversion.common import (
     retry_on_nan,
     total_variation_l2,
 )
-from cl_inversion.inversion.compiling import check_compile, compiled_teacher, decide, network_flops
+from cl_inversion.inversion.compiling import check_compile, compiled_teacher
 from cl_inversion.inversion.covariance import LaplaceCovariance, LaplaceNLL, StreamingCovariance, blended_correlation
 from cl_inversion.inversion.engine import EngineBase
 from cl_inversion.inversion.features import FeatureModel, extract_features
@@ -110,7 +110,8 @@ def kl_to_gaussian(x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
 
 
 def summed_kl(inputs: Sequence[Tensor], means: Sequence[Tensor], variances: Sequence[Tensor]) -> Tensor:
-    """Σ over layers of `kl_to_gaussian(input, running mean, running var)`."""
+    """Σ over layers of `kl_to_gaussian(input, running mean, running var)`: PMI's BN term summed over its hooks
+    (`register_hooks`, `hook_type='kl'`, as `BatchNormInputs` cites)."""
     return torch.stack([kl_to_gaussian(x, m, v) for x, m, v in zip(inputs, means, variances)]).sum()
 
 
@@ -390,10 +391,7 @@ class PerLayerInversion(EngineBase):
                 self.stats.notes.append("teacher has no BatchNorm layer: BN-statistics and BN-prior terms disabled; "
                                         "the feature targets carry the alignment")
             step = self.layer_batch if self.statistics == "data" else self.batch_size
-            self.compile_now = self.statistics == "batchnorm" and decide(
-                self.compile, self.full_steps * math.ceil(len(labels) / step), min(step, len(labels)),
-                lambda: network_flops(teacher, torch.zeros(2, *self.image_shape, device=device)), device,
-                self.stats.notes, self.name)
+            self.compile_now = self.statistics == "batchnorm" and self.compiles(teacher, len(labels))
             for start in range(0, len(labels), step):
                 f = targets[start : start + step].to(device)
                 y = labels[start : start + step].to(device)
@@ -600,6 +598,10 @@ class PerLayerInversion(EngineBase):
             for hook in laplace:
                 hook.remove()
         return x
+
+    def planned_steps(self, n: int) -> tuple[int, int]:
+        """The full-model phase's steps (the one compiled) over the boundary's batches."""
+        return self.full_steps * math.ceil(n / self.batch_size), min(self.batch_size, n)
 
     def optimise(self, start: Tensor, target: Tensor, forward: Callable[[Tensor], Tensor], bn: BatchNormInputs,
                  prior: Callable[[Tensor], Tensor] | None, steps: int, lr_at: Callable[[int], float], weight: float,

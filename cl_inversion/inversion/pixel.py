@@ -36,7 +36,7 @@ from cl_inversion.inversion.common import (
     retry_on_nan,
     total_variation_l2,
 )
-from cl_inversion.inversion.compiling import check_compile, compiled_teacher, decide, network_flops
+from cl_inversion.inversion.compiling import check_compile, compiled_teacher
 from cl_inversion.inversion.engine import EngineBase
 from cl_inversion.utils.errors import ConfigError
 
@@ -73,9 +73,7 @@ class PixelInversion(EngineBase):
         labels = balanced_labels(classes, n)
         device = next(teacher.parameters()).device
         chunks = []
-        on = decide(self.compile, self.steps * math.ceil(n / self.batch_size), min(self.batch_size, n),
-                    lambda: network_flops(teacher, torch.zeros(2, *self.image_shape, device=device)), device,
-                    self.stats.notes, self.name)
+        on = self.compiles(teacher, n)
         with frozen_eval(teacher), BNStatistics(teacher) as bn, memory_format(teacher, self.channels_last):
             if not len(bn):
                 self.stats.notes.append("teacher has no BatchNorm layer: BN-statistics term disabled")
@@ -86,6 +84,9 @@ class PixelInversion(EngineBase):
                 chunks.append(retry_on_nan(lambda lr, _, t=targets, c=chunk: self._run(model, bn, t, lr, c),
                                            self.lr, self.nan_retries, self.stats, f"chunk {chunk}"))
         return torch.cat(chunks), labels
+
+    def planned_steps(self, n: int) -> tuple[int, int]:
+        return self.steps * math.ceil(n / self.batch_size), min(self.batch_size, n)
 
     def loss(self, teacher: nn.Module, bn: BNStatistics, view: Tensor, targets: Tensor) -> tuple[Tensor, dict]:
         """DeepInversion's loss on one (jittered) view of the batch, and its terms."""

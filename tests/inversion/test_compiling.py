@@ -6,7 +6,7 @@ import torch
 from hydra.utils import instantiate
 
 from cl_inversion.build import chosen_engine, compose
-from cl_inversion.inversion import Generator, GeneratorInversion, PixelInversion
+from cl_inversion.inversion import GeneratorInversion, PixelInversion
 from cl_inversion.inversion.compiling import (
     CPU_BREAK_EVEN_FLOP,
     CUDA_BREAK_EVEN_STEPS,
@@ -65,19 +65,13 @@ def planned(overrides: list[str]) -> tuple[bool, str]:
     engine = instantiate(engine_cfg)
     size = 8 if cfg.dataset._target_.endswith("digits") else cfg.dataset.get("image_size") or 32
     shape = (cfg.dataset.channels, size, size)
-    backbone = instantiate(cfg.backbone)
-    teacher = IncrementalClassifier(backbone)
+    teacher = IncrementalClassifier(instantiate(cfg.backbone))
     teacher.grow(4)
-    n = cfg.inversion.n_images
-    flops = network_flops(teacher, torch.zeros(2, *shape))
+    engine.setup(shape, (torch.full((shape[0], 1, 1), -2.0), torch.full((shape[0], 1, 1), 2.0)))
     if name in ("generator", "rdfcil_generator"):
-        flops += network_flops(Generator(engine.z_dim, shape[0], shape[-1]), torch.zeros(2, engine.z_dim))
-        steps, batch = engine.steps, engine.batch_size
-    elif name == "pixel":
-        steps, batch = engine.steps * -(-n // engine.batch_size), min(engine.batch_size, n)
-    else:
-        batch = min(engine.batch_size, n)
-        steps = engine.full_steps * -(-n // engine.batch_size)
+        engine._fresh_generator(CPU, engine.lr)
+    steps, batch = engine.planned_steps(cfg.inversion.n_images)
+    flops = engine.step_flops(teacher)
     return compile_pays(steps, batch, flops, CPU), name
 
 
