@@ -53,7 +53,7 @@ from torch import nn
 
 from cl_inversion.inversion import GeneratorInversion, PerLayerInversion, PixelInversion, common
 from cl_inversion.inversion.common import BNStatistics, SynthesisProgress, frozen_eval
-from cl_inversion.inversion.compiling import compile_pays, compiled_teacher
+from cl_inversion.inversion.compiling import compile_pays, compiled_teacher, planned_flop
 
 N_CLASSES = 10
 SHAPE = (3, 32, 32)
@@ -185,7 +185,7 @@ def boundary(engine: str, ms: dict[str, float], compile_s: float | None, batch: 
         return out
     compiled = plan["steps"] * ms["compiled"] * scale / 1000
     first, later = (compiled + compile_s, compiled) if auto else (eager, eager)
-    saved_per_flop = (ms["eager"] - ms["compiled"]) / 1000 / (3 * batch * flops)
+    saved_per_flop = (ms["eager"] - ms["compiled"]) / 1000 / planned_flop(1, batch, flops)
     out.update(auto_first_s=round(first, 1), auto_later_s=round(later, 1), auto_first_ratio=round(first / eager, 4),
                auto_later_ratio=round(later / eager, 4),
                break_even_flop=float(f"{compile_s / saved_per_flop:.3g}") if saved_per_flop > 0 else None)
