@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # The GPU checks, as one script for a lent GPU machine (the `device` tool; docs/gpu.md has the figures it gave):
 #   1. tests/test_gpu.py: the `gpu` trainer preset, every engine on the GPU, bf16-mixed synthesis, the
-#      compiled and CUDA-graph steps against eager;
-#   2. benchmarks.synthesis_speed --device cuda --compile: each engine eager, compiled (`compile: true`),
-#      graphed (`compile_mode: reduce-overhead`), channels_last and bf16-mixed, compile time apart (cold), and
-#      what `compile: auto` gives each CIFAR preset's boundary;
+#      compiled steps and the captured whole steps (`cuda_graph`) against eager;
+#   2. benchmarks.synthesis_speed --device cuda --compile, pixel and generator, 100 steps a run: eager,
+#      graphed (`cuda_graph: true`), graphed+bf16-mixed, compiled, compiled+graphed (what the defaults run on a
+#      long boundary), bf16-mixed, compile time apart (cold), and each CIFAR preset's boundary by arm;
 #   3. one task boundary of experiment=abd_cifar100_10t at its settings (ResNet-32, 10 classes, the
-#      generator's 10k steps at batch 128, fp32, `compile: auto`: compiled on CUDA), training cut to 2 epochs
+#      generator's 10k steps at batch 128, fp32, `compile: auto` and `cuda_graph: auto`: compiled and
+#      captured on CUDA), training cut to 2 epochs
 #      and CIFAR-100 replaced by a random-pixel stand-in of its shape (no network there:
 #      benchmarks/stand_in_data.py); the run is stopped once results.json holds the boundary's record;
-#   4. the same boundary eager (`inversion.generator.compile=false`), 2000 steps: compare per step;
+#   4. the same boundary eager (`compile=false cuda_graph=false`), 2000 steps: compare per step;
 #   5. the first boundary of experiment=pmi_cifar100_10t (stand-in data, 2 epochs), its results.json record.
 # Usage: OUT=<folder> bash benchmarks/device_check.sh   (no installed package needed: PYTHONPATH is set;
 # a folder .devsite with hydra/omegaconf/antlr4 copied from .venv supplies what that machine lacks).
-# Time limits per step in seconds: T_TESTS (60), T_SPEED (200), T_BOUNDARY (300) — together one 10-minute
+# Time limits per step in seconds: T_TESTS (150), T_SPEED (180), T_BOUNDARY (240) — together one 10-minute
 # call — and T_BOUNDARY_EAGER, T_PMI (off unless given); 0 skips a step.
 set -u
 OUT=${OUT:-device_out}
@@ -24,7 +25,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PY:-python3}
 DEV=${DEV:-cuda} TRAINER=${TRAINER:-gpu}  # DEV=cpu TRAINER=cpu EXTRA=... SPEED="--steps 1 --rounds 1 --batch 16": a dry run
 read -r -a EXTRA <<< "${EXTRA:-}"
-read -r -a SPEED <<< "${SPEED:---steps 20 --rounds 3}"
+read -r -a SPEED <<< "${SPEED:---steps 100 --rounds 2 --engines pixel generator --only graphed graphed+bf16-mixed compiled compiled+graphed bf16-mixed}"
 say() { echo "[device_check $(date +%T)] $*"; }
 
 say "1. machine"
@@ -34,7 +35,7 @@ $PY -c "import torch, lightning; print('torch', torch.__version__, 'lightning', 
 on() { [ "${1:-1}" != 0 ]; }  # a step whose T_* limit is 0 is skipped
 
 say "2. tests/test_gpu.py"
-on "${T_TESTS:-}" && timeout "${T_TESTS:-60}" $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -15
+on "${T_TESTS:-}" && timeout "${T_TESTS:-150}" $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -15
 
 boundary() {  # <name> <seconds> <experiment> <overrides...>: run an experiment until its first boundary is recorded
   local name=$1 limit=$2 experiment=$3; shift 3
@@ -56,19 +57,19 @@ boundary() {  # <name> <seconds> <experiment> <overrides...>: run an experiment 
   fi
 }
 
-say "3. synthesis_speed on cuda: eager, compiled, graphed, options; compile time apart"
+say "3. synthesis_speed on cuda: eager, graphed, compiled, compiled+graphed, bf16; compile time apart"
 if on "${T_SPEED:-}"; then
-  timeout "${T_SPEED:-200}" $PY -m benchmarks.synthesis_speed --device "$DEV" --compile "${SPEED[@]}" \
+  timeout "${T_SPEED:-180}" $PY -m benchmarks.synthesis_speed --device "$DEV" --compile "${SPEED[@]}" \
     > "$OUT/synthesis_speed.json" 2> /tmp/synthesis_speed.err
   tail -3 /tmp/synthesis_speed.err; tail -c 3000 "$OUT/synthesis_speed.json"
 fi
 
-say "4. boundary of abd_cifar100_10t, 10k generator steps, compile: auto"
-on "${T_BOUNDARY:-}" && boundary boundary_auto "${T_BOUNDARY:-300}" abd_cifar100_10t
+say "4. boundary of abd_cifar100_10t, 10k generator steps, compile: auto, cuda_graph: auto"
+on "${T_BOUNDARY:-}" && boundary boundary_auto "${T_BOUNDARY:-240}" abd_cifar100_10t
 
 say "5. boundary of abd_cifar100_10t eager, 2000 steps"
 on "${T_BOUNDARY_EAGER:-0}" && boundary boundary_eager "$T_BOUNDARY_EAGER" abd_cifar100_10t \
-  inversion.generator.compile=false inversion.generator.steps=2000
+  inversion.generator.compile=false inversion.generator.cuda_graph=false inversion.generator.steps=2000
 
 say "6. first boundary of pmi_cifar100_10t"
 on "${T_PMI:-0}" && boundary boundary_pmi "$T_PMI" pmi_cifar100_10t

@@ -20,15 +20,21 @@ median of R rounds kept; ratios are arm / `eager` (below 1: faster):
 * `before`     — the step as it was before the fast path: two-pass BN variance (`x.var(unbiased=False)`)
                  and one host read of the loss every step (the old NaN guard), patched into the same code;
 * `channels_last`, `bf16-mixed` — the option switched on (pixel and generator; bf16 for per_layer);
+* on CUDA, pixel and generator: `graphed` (`cuda_graph: true`: the whole step captured and replayed,
+  graphing.py; its 3 warm-up steps and the capture are inside each timed run, so use N in the hundreds
+  there) and `graphed+bf16-mixed`;
 * with `--compile`: `compiled` (`compile: true`), for the generator also `compiled+channels_last`, and on
-  CUDA `graphed` (`compile_mode: reduce-overhead`: CUDA graphs). Compiling is timed apart, cold: each
-  compiled arm first compiles in a fresh Inductor cache (`compile_s`: its first run less N compiled steps).
+  CUDA `compiled+graphed` and `inductor-graphs` (`compile_mode: reduce-overhead`: Inductor's own CUDA graphs
+  around the compiled regions only). Compiling is timed apart, cold: each compiled arm first compiles in a
+  fresh Inductor cache (`compile_s`: its first run less N compiled steps).
 
-`auto` is not a separate code path: it is `compiled` or `eager`, as the rule in `inversion/compiling.py`
-decides for the preset's planned boundary (`PRESETS`: steps and batch of the CIFAR presets' defaults). Each
-engine's `boundary` reports the boundary's time by arm, step times scaled linearly from B to the preset's
-batch: `eager_s`, `auto_first_s` (compile included: the first boundary) and `auto_later_s` (later boundaries
-reuse the compiled graph: no compile), their ratios to eager, and the break-even the measurement implies.
+`auto` is not a separate code path: it is the arm the defaults pick for the preset's planned boundary
+(`PRESETS`: steps and batch of the CIFAR presets' defaults): on a CPU `compiled` or `eager`, as the rule in
+`inversion/compiling.py` decides; on CUDA `compiled+graphed` or `graphed` (`cuda_graph: auto` captures every
+long phase). Each engine's `boundary` reports the boundary's time by arm, step times scaled linearly from B to
+the preset's batch: `eager_s`, `auto_first_s` (compile included: the first boundary) and `auto_later_s` (later
+boundaries reuse the compiled graph: no compile), their ratios to eager, and the break-even the measurement
+implies.
 
 The last line printed is one JSON object:
 `{"engines": {"pixel": {"ms_per_step": ..., "images_per_s": ..., "options": {"before": r, ...}, "boundary": ...},
@@ -107,8 +113,9 @@ def before_fast_path() -> Iterator[None]:
 
 
 def pixel_runner(teacher: nn.Module, steps: int, batch: int, **options: Any) -> Callable[[], None]:
-    engine = PixelInversion(steps=steps, batch_size=batch, progress=False, **options)
+    engine = PixelInversion(steps=steps, batch_size=batch, progress=False, **{"cuda_graph": False, **options})
     engine.setup(SHAPE, PIXEL_RANGE)
+    engine.graphed = engine.cuda_graph is True
     targets = torch.arange(N_CLASSES).repeat(batch // N_CLASSES + 1)[:batch].to(device_of(teacher))
 
     def run() -> None:
@@ -120,7 +127,7 @@ def pixel_runner(teacher: nn.Module, steps: int, batch: int, **options: Any) -> 
 
 
 def generator_runner(teacher: nn.Module, steps: int, batch: int, **options: Any) -> Callable[[], None]:
-    engine = GeneratorInversion(steps=steps, batch_size=batch, progress=False, **options)
+    engine = GeneratorInversion(steps=steps, batch_size=batch, progress=False, **{"cuda_graph": False, **options})
     engine.setup(SHAPE, PIXEL_RANGE)
     engine._fresh_generator(device_of(teacher), engine.lr)
 
@@ -147,14 +154,20 @@ def per_layer_runner(teacher: nn.Module, steps: int, batch: int, **options: Any)
 
 
 ENGINES = {
-    "pixel": (pixel_runner, ["channels_last", "bf16-mixed"], ["compiled", "graphed"]),
-    "generator": (generator_runner, ["channels_last", "bf16-mixed"], ["compiled", "compiled+channels_last", "graphed"]),
-    "per_layer": (per_layer_runner, ["bf16-mixed"], ["compiled", "graphed"]),
+    "pixel": (pixel_runner, ["channels_last", "bf16-mixed"], ["compiled", "inductor-graphs"]),
+    "generator": (generator_runner, ["channels_last", "bf16-mixed"],
+                  ["compiled", "compiled+channels_last", "inductor-graphs"]),
+    "per_layer": (per_layer_runner, ["bf16-mixed"], ["compiled", "inductor-graphs"]),
 }
+#: CUDA only, for the engines with a `cuda_graph` setting: the whole step captured (graphing.py)
+GRAPHED_ARMS = {"pixel": ["graphed", "compiled+graphed", "graphed+bf16-mixed"],
+                "generator": ["graphed", "compiled+graphed", "graphed+bf16-mixed"], "per_layer": []}
 ARM_OPTIONS = {"eager": {}, "before": {}, "channels_last": {"channels_last": True},
                "bf16-mixed": {"precision": "bf16-mixed"}, "compiled": {"compile": True},
                "compiled+channels_last": {"compile": True, "channels_last": True},
-               "graphed": {"compile": True, "compile_mode": "reduce-overhead"}}
+               "inductor-graphs": {"compile": True, "compile_mode": "reduce-overhead"},
+               "graphed": {"cuda_graph": True}, "compiled+graphed": {"compile": True, "cuda_graph": True},
+               "graphed+bf16-mixed": {"cuda_graph": True, "precision": "bf16-mixed"}}
 
 #: a task boundary of each engine at the CIFAR presets' defaults: planned steps and batch
 #: (pixel: engine defaults, 2000 steps for each of 2560 / 256 = 10 batches; generator: `abd_cifar100_10t`;
@@ -173,22 +186,27 @@ def step_flops(engine: str, teacher: nn.Module, device: torch.device) -> float:
     return instance.step_flops(teacher)
 
 
-def boundary(engine: str, ms: dict[str, float], compile_s: float | None, batch: int, flops: float,
+def boundary(engine: str, ms: dict[str, float], compile_s: dict[str, float], batch: int, flops: float,
              device: torch.device) -> dict[str, Any]:
-    """The preset's boundary by arm (seconds), step times scaled from `batch` to the preset's batch."""
+    """The preset's boundary by arm (seconds), step times scaled from `batch` to the preset's batch: `eager`
+    against what the defaults run (`auto_arm`: on CUDA the captured step, compiled where `compile: auto` says)."""
     plan = PRESETS[engine]
     scale = plan["batch"] / batch
     eager = plan["steps"] * ms["eager"] * scale / 1000
     auto = compile_pays(plan["steps"], plan["batch"], flops, device)
-    out: dict[str, Any] = {**plan, "auto_compiles": auto, "eager_s": round(eager, 1)}
-    if "compiled" not in ms or compile_s is None:
+    graphs = bool(GRAPHED_ARMS[engine]) and device.type == "cuda"  # `cuda_graph: auto` on CUDA
+    compiled_arm, eager_arm = ("compiled+graphed", "graphed") if graphs else ("compiled", "eager")
+    out: dict[str, Any] = {**plan, "auto_compiles": auto, "auto_arm": compiled_arm if auto else eager_arm,
+                           "eager_s": round(eager, 1)}
+    if compiled_arm not in ms or eager_arm not in ms or compile_s.get(compiled_arm) is None:
         return out
-    compiled = plan["steps"] * ms["compiled"] * scale / 1000
-    first, later = (compiled + compile_s, compiled) if auto else (eager, eager)
+    compiled = plan["steps"] * ms[compiled_arm] * scale / 1000
+    uncompiled = plan["steps"] * ms[eager_arm] * scale / 1000
+    first, later = (compiled + compile_s[compiled_arm], compiled) if auto else (uncompiled, uncompiled)
     saved_per_flop = (ms["eager"] - ms["compiled"]) / 1000 / planned_flop(1, batch, flops)
     out.update(auto_first_s=round(first, 1), auto_later_s=round(later, 1), auto_first_ratio=round(first / eager, 4),
                auto_later_ratio=round(later / eager, 4),
-               break_even_flop=float(f"{compile_s / saved_per_flop:.3g}") if saved_per_flop > 0 else None)
+               break_even_flop=float(f"{compile_s['compiled'] / saved_per_flop:.3g}") if saved_per_flop > 0 else None)
     return out
 
 
@@ -211,8 +229,12 @@ def arms_of(engines: list[str], compile_arms: bool, only: list[str] | None,
         _, options, compiled = ENGINES[name]
         arms.append((name, "eager"))
         arms += [(name, arm) for arm in ["before", *options] if wanted(arm)]
+        cuda = device.type == "cuda"
+        if cuda:
+            arms += [(name, arm) for arm in GRAPHED_ARMS[name]
+                     if wanted(arm) and (compile_arms or "compiled" not in arm)]
         if compile_arms:
-            arms += [(name, arm) for arm in compiled if wanted(arm) and (arm != "graphed" or device.type == "cuda")]
+            arms += [(name, arm) for arm in compiled if wanted(arm) and (arm != "inductor-graphs" or cuda)]
     return arms
 
 
@@ -245,7 +267,7 @@ def measure(engines: list[str], steps: int, batch: int | None, rounds: int, comp
                           "images_per_s": round(1000 * batches[engine] / ms["eager"], 1), "batch": batches[engine],
                           "options": {arm: round(v / ms["eager"], 4) for arm, v in ms.items() if arm != "eager"},
                           "ms_per_step_by_arm": {arm: round(v, 2) for arm, v in ms.items()}, "compile_s": compile_s,
-                          "boundary": boundary(engine, ms, compile_s.get("compiled"), batches[engine],
+                          "boundary": boundary(engine, ms, compile_s, batches[engine],
                                                step_flops(engine, teacher, device), device)}
     return result
 
@@ -259,10 +281,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--engines", nargs="*", default=list(ENGINES), choices=list(ENGINES))
     parser.add_argument("--compile", action="store_true",
-                        help="add the compiled arms (and graphed on CUDA): minutes of compiling on a CPU")
+                        help="add the compiled arms (on CUDA also compiled+graphed, inductor-graphs): minutes on a CPU")
     parser.add_argument("--only", nargs="*", default=None, metavar="ARM",
                         help="time only these arms besides eager (before, channels_last, bf16-mixed, compiled, "
-                             "compiled+channels_last, graphed)")
+                             "compiled+channels_last; on CUDA graphed, graphed+bf16-mixed, compiled+graphed, "
+                             "inductor-graphs)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda (the teacher and every engine there)")
     args = parser.parse_args(argv)
     steps = args.steps or (5 if args.quick else 20)

@@ -10,6 +10,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
@@ -107,8 +108,19 @@ def build_inversion(cfg: DictConfig, method: ContinualModule) -> list[L.Callback
                           "boundary's synthetic set per task learned)")
     from cl_inversion.inversion import InversionCallback
 
-    return [InversionCallback(instantiate(engine), n_images=cfg.inversion.n_images, grid=cfg.inversion.grid,
+    built = instantiate(engine)
+    if getattr(built, "cuda_graph", None) is True and not runs_on_cuda(cfg):
+        raise ConfigError(f"inversion.{name}.cuda_graph=true needs a CUDA device (trainer.accelerator="
+                          f"{cfg.trainer.get('accelerator', 'auto')}, CUDA available: {torch.cuda.is_available()}): "
+                          "set it to false or auto")
+    return [InversionCallback(built, n_images=cfg.inversion.n_images, grid=cfg.inversion.grid,
                               n_images_per_task=per_task)]
+
+
+def runs_on_cuda(cfg: DictConfig) -> bool:
+    """Whether the run's Trainer will place the model on a CUDA device (`trainer.accelerator`)."""
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    return torch.cuda.is_available() and accelerator in ("gpu", "cuda", "auto")
 
 
 def build_logger(cfg: DictConfig, run_dir: Path) -> Any:

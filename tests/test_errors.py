@@ -43,6 +43,10 @@ CASES: dict[str, tuple[list[str], list[str], str]] = {
                                ["method.temperature='abc'", "float"], "cl"),
     "finetune_scope_unknown": (["method=rdfcil", "method.finetune_scope=backbone"],
                                ["method.finetune_scope='backbone'", "head, all"], "cl"),
+    "cuda_graph_without_cuda": (["method=deepinversion", "trainer.accelerator=cpu", "inversion.pixel.cuda_graph=true"],
+                                ["inversion.pixel.cuda_graph=true needs a CUDA device", "false or auto"], "cl"),
+    "cuda_graph_not_a_choice": (["method=abd", "inversion.generator.cuda_graph=always"],
+                                ["inversion.generator.cuda_graph='always'", "true, false or auto"], "cl"),
     "resume_with_other_config": (["resume=true", "seed=5"], ["cannot resume", "differs", "seed"], "cl"),
     # pointed at a directory holding only a results.json (a run that failed before its first checkpoint)
     "resume_with_nothing_to_resume": (["resume=true"], ["resume=true", "holds no task_<t>.ckpt"], "cl"),

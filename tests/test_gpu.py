@@ -1,6 +1,6 @@
 """On a CUDA machine (skipped elsewhere): the `gpu` trainer preset end to end, every synthesis engine on
-the trainer's GPU (not on the CPU where fit's teardown leaves the module), and
-bf16-mixed synthesis."""
+the trainer's GPU (not on the CPU where fit's teardown leaves the module), bf16-mixed synthesis, compiled
+synthesis, and whole-step CUDA graphs (`cuda_graph`) against the eager step."""
 
 from __future__ import annotations
 
@@ -57,7 +57,8 @@ def test_compiled_and_graphed_pixel_steps_give_the_eager_images_on_the_gpu(mode)
 
     def images(compile: bool) -> torch.Tensor:
         torch.manual_seed(1)
-        engine = PixelInversion(steps=5, batch_size=16, lr=0.05, progress=False, compile=compile, compile_mode=mode)
+        engine = PixelInversion(steps=5, batch_size=16, lr=0.05, progress=False, compile=compile, compile_mode=mode,
+                                cuda_graph=False)
         engine.setup((3, 32, 32), pixel_range)
         return engine.synthesize(teacher, [0, 1, 2, 3], 16)[0]
 
@@ -83,3 +84,89 @@ def test_the_generator_alternates_eager_and_compiled_boundaries_on_the_gpu():
         assert torch.isfinite(images).all()
         if before is not None:
             assert any(not torch.equal(b, p) for b, p in zip(before, engine.generator.parameters()))
+
+
+def cifar_teacher() -> torch.nn.Module:
+    from cl_inversion.models import CifarResNet, IncrementalClassifier
+
+    torch.manual_seed(0)
+    teacher = IncrementalClassifier(CifarResNet(8, in_channels=3, variant="abd"))
+    teacher.grow(4)
+    teacher.train()
+    with torch.no_grad():
+        teacher(torch.randn(64, 3, 32, 32))  # BN running statistics of its own
+    return teacher.cuda().eval()
+
+
+GPU_RANGE = (torch.full((3, 1, 1), -2.0), torch.full((3, 1, 1), 2.0))
+
+
+@pytest.mark.parametrize(("compile", "schedule"), [(False, "constant"), (False, "cosine"), (True, "constant")])
+def test_the_captured_pixel_step_gives_the_eager_images(compile, schedule):
+    """`cuda_graph: true`: 3 warm-up steps, one capture, replays; the same images as the eager step (Adam's
+    capturable update rounds its bias correction on the device: the tolerance), and the record says so."""
+    from cl_inversion.inversion import PixelInversion
+
+    teacher = cifar_teacher()
+
+    def images(graphed: bool) -> tuple[torch.Tensor, list[str]]:
+        torch.manual_seed(1)
+        engine = PixelInversion(steps=12, batch_size=16, lr=0.05, progress=False, compile=compile,
+                                cuda_graph=graphed, lr_schedule=schedule, flip=True, log_every=5)
+        engine.setup((3, 32, 32), GPU_RANGE)
+        return engine.synthesize(teacher, [0, 1, 2, 3], 24)[0], engine.stats.notes
+
+    (graphed, notes), (eager, _) = images(True), images(False)
+    assert any("cuda_graph True: on" in note for note in notes), notes
+    assert graphed.shape == eager.shape == (24, 3, 32, 32)
+    assert torch.allclose(graphed, eager, atol=1e-3), (graphed - eager).abs().max()
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_the_captured_generator_step_trains_as_the_eager_one(compile):
+    from cl_inversion.inversion import GeneratorInversion
+
+    teacher = cifar_teacher()
+
+    def trained(graphed: bool) -> GeneratorInversion:
+        torch.manual_seed(1)
+        engine = GeneratorInversion(steps=12, batch_size=32, z_dim=64, progress=False, compile=compile,
+                                    cuda_graph=graphed, log_every=5)
+        engine.setup((3, 32, 32), GPU_RANGE)
+        engine.synthesize(teacher, [0, 1, 2, 3], 16)
+        return engine
+
+    graphed, eager = trained(True), trained(False)
+    assert any("cuda_graph True: on" in note for note in graphed.stats.notes), graphed.stats.notes
+    assert graphed.optimizer.param_groups[0]["capturable"] is False  # restored: checkpoints keep the default
+    eager_state = eager.generator.state_dict()
+    for name, value in graphed.generator.state_dict().items():
+        if value.is_floating_point() and value.dim() > 1:  # see the CPU test: biases before a BN are noise
+            assert torch.allclose(value, eager_state[name], atol=1e-4), name
+    curve_graphed = [row["loss"] for row in graphed.stats.curve]
+    curve_eager = [row["loss"] for row in eager.stats.curve]
+    assert curve_graphed == pytest.approx(curve_eager, rel=1e-3)
+
+
+def test_a_kept_generator_alternates_captured_and_eager_boundaries_on_the_gpu():
+    """ABD keeps its generator and Adam: a captured boundary (capturable Adam, step counts on the GPU) between
+    eager ones, then the step counts back on the host."""
+    from cl_inversion.inversion import GeneratorInversion
+
+    teacher = cifar_teacher()
+    engine = GeneratorInversion(steps=8, batch_size=16, z_dim=32, progress=False, compile=False)
+    engine.setup((3, 32, 32), GPU_RANGE)
+    for graphed in (False, True, False, True):
+        engine.cuda_graph = graphed
+        images, _ = engine.synthesize(teacher, [0, 1, 2, 3], 16)
+        assert torch.isfinite(images).all()
+    steps = [state["step"] for state in engine.optimizer.state.values()]
+    assert steps and all(float(s) == 32 and s.device.type == "cpu" for s in steps)
+
+
+def test_a_run_captures_its_synthesis_by_default(tmp_path):
+    """`cuda_graph: auto` on the `gpu` preset: ABD's boundary is captured, and the run's record says so."""
+    cfg = compose([*TINY, "method=abd", "++inversion.generator.steps=20"])
+    results = run(cfg, run_dir=tmp_path).to_dict()
+    notes = results["inversion"][0]["notes"]
+    assert results["status"] == "completed" and any("cuda_graph auto: on" in n for n in notes), notes

@@ -146,10 +146,12 @@ def total_variation_l2(x: Tensor) -> Tensor:
     return sum(torch.linalg.vector_norm(d) for d in diffs)
 
 
-def abd_blur_kernel(size: int = 5, sigma: float = 1.0, dtype: torch.dtype = torch.float32) -> Tensor:
+def abd_blur_kernel(size: int = 5, sigma: float = 1.0, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str = "cpu") -> Tensor:
     """ABD's 2-D smoothing kernel, `exp(-((x-μ)/(2σ))²)` normalised to sum 1 (GT-RIPL/AlwaysBeDreaming-DFCIL
-    `learners/datafree_helper.py` `Gaussiansmoothing`; also gqk/cl-lite's): note 2σ, not √2σ."""
-    coords = torch.arange(size, dtype=dtype) - (size - 1) / 2
+    `learners/datafree_helper.py` `Gaussiansmoothing`; also gqk/cl-lite's): note 2σ, not √2σ. Made on `device`
+    (a synthesis step makes it on its own device: nothing copied from the host, which a CUDA graph could not replay)."""
+    coords = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2
     kernel1d = torch.exp(-((coords / (2 * sigma)) ** 2))
     kernel = kernel1d[:, None] * kernel1d[None, :]
     return kernel / kernel.sum()
@@ -158,7 +160,7 @@ def abd_blur_kernel(size: int = 5, sigma: float = 1.0, dtype: torch.dtype = torc
 def gaussian_blur(x: Tensor, size: int = 5, sigma: float = 1.0) -> Tensor:
     """Depth-wise blur with ABD's kernel and reflect padding (ABD's smoothness target); inputs no larger
     than the padding fall back to replicate padding."""
-    kernel = abd_blur_kernel(size, sigma, x.dtype).to(x.device).expand(x.shape[1], 1, size, size)
+    kernel = abd_blur_kernel(size, sigma, x.dtype, x.device).expand(x.shape[1], 1, size, size)
     pad = size // 2
     mode = "reflect" if min(x.shape[-2:]) > pad else "replicate"
     return F.conv2d(F.pad(x, (pad,) * 4, mode=mode), kernel, groups=x.shape[1])
@@ -184,10 +186,18 @@ def clamp_to(x: Tensor, low: Tensor, high: Tensor) -> Tensor:
     return torch.max(torch.min(x, high), low)
 
 
-def cosine_lr(optimizer: torch.optim.Optimizer, base_lr: float, step: int, total: int) -> None:
-    """Set a cosine-annealed learning rate (the schedule of DeepInversion's ImageNet script) for this step."""
+def cosine_value(base_lr: float, step: int, total: int) -> float:
+    """The cosine-annealed learning rate of `step` of `total` (the schedule of DeepInversion's ImageNet script)."""
+    return 0.5 * base_lr * (1 + math.cos(math.pi * step / total))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's learning rate: in place where it is a tensor (a captured step reads it from there)."""
     for group in optimizer.param_groups:
-        group["lr"] = 0.5 * base_lr * (1 + math.cos(math.pi * step / total))
+        if isinstance(group["lr"], Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
 
 
 def pixel_step(optimizer: torch.optim.Optimizer, loss: Tensor, x: Tensor, low: Tensor, high: Tensor) -> None:
@@ -323,25 +333,66 @@ class PixelSchedule:
     flip: bool
 
 
+def jitter_plan(steps: int, height: int, width: int, max_shift: int, flip: bool) -> Tensor:
+    """Every step's `jitter_flip` as gather indices, `(steps, height + width)`: the rows, then the columns, of
+    the view. Drawn up front in the order `jitter_flip` draws them (the same CPU random stream), so the views
+    are the same; a step then reads its indices from a tensor instead of taking shifts as Python numbers (no
+    host value in the step: a CUDA graph can replay it)."""
+    rows, cols = torch.arange(height), torch.arange(width)
+    plan = torch.empty(steps, height + width, dtype=torch.long)
+    for step in range(steps):
+        dx = dy = 0
+        if max_shift > 0:
+            dx, dy = torch.randint(-max_shift, max_shift + 1, (2,)).tolist()
+        flipped = flip and torch.rand(()).tolist() < 0.5
+        plan[step, :height] = (rows - dx) % height  # torch.roll: out[i] = x[(i - shift) mod size]
+        plan[step, height:] = ((width - 1 - cols if flipped else cols) - dy) % width
+    return plan
+
+
+def planned_view(x: Tensor, index: Tensor) -> Tensor:
+    """The view `jitter_plan` row `index` describes: `x` gathered along height, then width."""
+    height = x.shape[-2]
+    return x.index_select(2, index[:height]).index_select(3, index[height:])
+
+
 def optimise_pixels(x: Tensor, loss_of_view: PixelLoss, schedule: PixelSchedule, pixel_range: tuple[Tensor, Tensor],
-                    stats: SynthesisStats, progress: SynthesisProgress, step_hook: Callable | None = None) -> Tensor:
+                    stats: SynthesisStats, progress: SynthesisProgress, step_hook: Callable | None = None,
+                    capture: bool = False) -> Tensor:
     """The DeepInversion loop that the pixel engine and PMI's full-model phase share; only the loss differs.
     `loss_of_view(view) -> (loss, terms)`; `x` (requires grad) is updated in place; one full-model pass per
-    step. Returns the optimised images, detached."""
+    step. Returns the optimised images, detached.
+
+    A step reads only static tensors (graphing.py): its jitter is a row of `jitter_plan`, copied in before the
+    step; a cosine learning rate, when captured, is a tensor filled before the step. `capture` records the
+    step in a CUDA graph after the warm-up steps and replays it (`StepGraph`)."""
+    from cl_inversion.inversion.graphing import StepGraph, adam_update  # graphing imports nothing from here
+
     low, high = (r.to(x.device) for r in pixel_range)
-    optimizer = torch.optim.Adam([x], lr=schedule.lr, betas=schedule.betas, eps=1e-8)
+    plan = jitter_plan(schedule.steps, x.shape[-2], x.shape[-1], schedule.jitter, schedule.flip).to(x.device)
+    index = plan[0].clone()
+    lr = torch.full((), schedule.lr, device=x.device) if capture and schedule.cosine else schedule.lr
+    optimizer = torch.optim.Adam([x], lr=lr, betas=schedule.betas, eps=1e-8)
+
+    def step() -> tuple[Tensor, dict[str, Tensor]]:
+        loss, terms = loss_of_view(planned_view(x, index))
+        pixel_step(optimizer, loss, x, low, high)
+        return loss, terms
+
+    run_step = StepGraph(step, capture)
     if step_hook is not None:
         step_hook(x.detach(), -1)
     try:
-        for step in range(schedule.steps):
-            if schedule.cosine:
-                cosine_lr(optimizer, schedule.lr, step, schedule.steps)
-            loss, terms = loss_of_view(jitter_flip(x, schedule.jitter, schedule.flip))
-            pixel_step(optimizer, loss, x, low, high)
-            stats.full_model_passes += 1
-            progress.update(terms, loss)
-            if step_hook is not None:
-                step_hook(x.detach(), step)
+        with adam_update(optimizer, capturable=capture):
+            for i in range(schedule.steps):
+                if schedule.cosine:
+                    set_lr(optimizer, cosine_value(schedule.lr, i, schedule.steps))
+                index.copy_(plan[i])
+                loss, terms = run_step()
+                stats.full_model_passes += 1
+                progress.update(terms, loss)
+                if step_hook is not None:
+                    step_hook(x.detach(), i)
     finally:
         progress.close()
     return x.detach()

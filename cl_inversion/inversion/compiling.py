@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -148,36 +147,3 @@ def compiled_teacher(teacher: nn.Module, enabled: bool, mode: str = "default") -
 def compiled_module(module: nn.Module, enabled: bool, mode: str = "default") -> nn.Module:
     """A generator (or any module kept whole) compiled; a fresh one of the same class reuses the compiled code."""
     return torch.compile(module, mode=mode) if enabled else module
-
-
-@contextmanager
-def fused_adam(optimizer: torch.optim.Optimizer, enabled: bool) -> Iterator[None]:
-    """Step an Adam optimizer with its fused kernel (one pass over the parameters) while `enabled` — the compiled
-    generator step, where the per-tensor foreach update was 3 % of a CPU step — and restore its flags after, so
-    eager runs and checkpoints keep the default update. Adam keeps its step counts on the parameters' device when
-    fused and on the host otherwise (on a CPU both are the same): they are moved to match each way."""
-    if not enabled or not isinstance(optimizer, torch.optim.Adam):
-        yield
-        return
-    saved = [(group.get("fused"), group.get("foreach")) for group in optimizer.param_groups]
-    for group in optimizer.param_groups:
-        group["fused"], group["foreach"] = True, None
-    _place_steps(optimizer, on_device=True)
-    try:
-        yield
-    finally:
-        for group, (fused, foreach) in zip(optimizer.param_groups, saved):
-            group["fused"], group["foreach"] = fused, foreach
-        _place_steps(optimizer, on_device=False)
-
-
-def _place_steps(optimizer: torch.optim.Optimizer, on_device: bool) -> None:
-    """Adam's step counts where its update expects them: the parameter's device (fused, capturable) or the host."""
-    for group in optimizer.param_groups:
-        fused = on_device or bool(group.get("fused"))
-        keep = fused or bool(group.get("capturable"))
-        dtype = torch.float32 if fused else torch.get_default_dtype()  # as Adam's `_get_scalar_dtype`
-        for param in group["params"]:
-            state = optimizer.state.get(param, {})
-            if torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].to(param.device if keep else "cpu", dtype)

@@ -33,8 +33,9 @@ from cl_inversion.inversion.common import (
     memory_format,
     retry_on_nan,
 )
-from cl_inversion.inversion.compiling import check_compile, compiled_module, compiled_teacher, fused_adam, network_flops
+from cl_inversion.inversion.compiling import check_compile, compiled_module, compiled_teacher, network_flops
 from cl_inversion.inversion.engine import EngineBase
+from cl_inversion.inversion.graphing import StepGraph, adam_update, check_cuda_graph, use_graphs
 from cl_inversion.inversion.replay import GeneratorReplay
 from cl_inversion.utils.errors import ConfigError
 
@@ -77,13 +78,14 @@ class GeneratorInversion(EngineBase):
                  content_temperature: float = 1000.0, content_weight: float = 1.0, diversity_weight: float = 1.0,
                  bn_weight: float = 50.0, smooth_weight: float = 1e-3, keep_across_tasks: bool = True,
                  bn_reduction: str = "mean", precision: str = "32", channels_last: bool = False,
-                 compile: bool | str = "auto", compile_mode: str = "default", nan_retries: int = 0,
-                 progress: bool = True, log_every: int = 10) -> None:
+                 compile: bool | str = "auto", compile_mode: str = "default", cuda_graph: bool | str = "auto",
+                 nan_retries: int = 0, progress: bool = True, log_every: int = 10) -> None:
         super().__init__()
         if str(precision) not in PRECISIONS:
             raise ConfigError(f"inversion.{self.name}.precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
         self.precision, self.channels_last = str(precision), channels_last
         self.compile, self.compile_mode = check_compile(compile, compile_mode, self.name), compile_mode
+        self.cuda_graph = check_cuda_graph(cuda_graph, compile_mode, self.name)
         if bn_reduction not in ("mean", "sum"):
             raise ConfigError(f"inversion.{self.name}.bn_reduction={bn_reduction!r}: choose mean (ABD, cl-lite) or sum")
         self.bn_reduction = bn_reduction
@@ -122,27 +124,38 @@ class GeneratorInversion(EngineBase):
         progress = SynthesisProgress(self.steps, "ABD generator", self.stats, self.log_every, self.progress,
                                      engine=self.name, hint=f"lower inversion.{self.name}.lr or set nan_retries")
         on = self.compiles(teacher, n=0)  # the generator's plan does not depend on the images sampled after
+        graphed = use_graphs(self.cuda_graph, self.steps, device, self.compile_mode, self.stats.notes, self.name)
+        z = torch.empty(self.batch_size, generator.z_dim, device=device)  # the step's input, refilled every step
         with (frozen_eval(teacher), BNStatistics(teacher) as bn, memory_format(teacher, self.channels_last),
-              memory_format(generator, self.channels_last), fused_adam(self.optimizer, on)):
+              memory_format(generator, self.channels_last),
+              adam_update(self.optimizer, fused=on and not graphed, capturable=graphed)):
             if not len(bn):
                 self.stats.notes.append("teacher has no BatchNorm layer: BN-statistics term disabled")
             model = compiled_teacher(teacher, on, self.compile_mode)
             sampler = compiled_module(generator, on, self.compile_mode)
+
+            def step() -> dict[str, Tensor]:
+                with autocast(self.precision, device):
+                    images = sampler(z)
+                    if self.channels_last:
+                        images = images.contiguous(memory_format=torch.channels_last)
+                    terms = self.loss_terms(model, bn, images, n_classes)
+                self.optimizer.zero_grad(set_to_none=True)
+                terms["loss"].backward()
+                self.optimizer.step()
+                return terms
+
+            run_step = StepGraph(step, capture=graphed)
             try:
                 for _ in range(self.steps):
-                    with autocast(self.precision, device):
-                        images = sampler(torch.randn(self.batch_size, generator.z_dim, device=device))
-                        if self.channels_last:
-                            images = images.contiguous(memory_format=torch.channels_last)
-                        terms = self.loss_terms(model, bn, images, n_classes)
-                    loss = terms["loss"]
-                    self.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    self.optimizer.step()
+                    torch.randn(z.shape, device=device, out=z)
+                    terms = run_step()
                     self.stats.full_model_passes += 1
-                    progress.update(terms, loss)
+                    progress.update(terms, terms["loss"])
             finally:
                 progress.close()
+                if graphed:  # the captured step's gradients live in the graph's memory pool: freed with it
+                    self.optimizer.zero_grad(set_to_none=True)
 
     def planned_steps(self, n: int) -> tuple[int, int]:
         return self.steps, self.batch_size  # the generator trains for its steps whatever the images sampled after

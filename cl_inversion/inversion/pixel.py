@@ -38,6 +38,7 @@ from cl_inversion.inversion.common import (
 )
 from cl_inversion.inversion.compiling import check_compile, compiled_teacher
 from cl_inversion.inversion.engine import EngineBase
+from cl_inversion.inversion.graphing import check_cuda_graph, use_graphs
 from cl_inversion.utils.errors import ConfigError
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -53,12 +54,15 @@ class PixelInversion(EngineBase):
                  l2_weight: float = 0.0, jitter: int = 2, flip: bool = False,
                  betas: Sequence[float] = (0.9, 0.999), lr_schedule: str = "constant", precision: str = "32",
                  channels_last: bool = False, compile: bool | str = "auto", compile_mode: str = "default",
-                 nan_retries: int = 0, progress: bool = True, log_every: int = 10) -> None:
+                 cuda_graph: bool | str = "auto", nan_retries: int = 0, progress: bool = True,
+                 log_every: int = 10) -> None:
         super().__init__()
         if str(precision) not in PRECISIONS:
             raise ConfigError(f"inversion.pixel.precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
         self.precision, self.channels_last = str(precision), channels_last
         self.compile, self.compile_mode = check_compile(compile, compile_mode, self.name), compile_mode
+        self.cuda_graph = check_cuda_graph(cuda_graph, compile_mode, self.name)
+        self.graphed = False  # this boundary's choice
         if lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"inversion.pixel.lr_schedule={lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
         self.betas, self.lr_schedule = tuple(float(b) for b in betas), lr_schedule
@@ -74,6 +78,7 @@ class PixelInversion(EngineBase):
         device = next(teacher.parameters()).device
         chunks = []
         on = self.compiles(teacher, n)
+        self.graphed = use_graphs(self.cuda_graph, self.steps, device, self.compile_mode, self.stats.notes, self.name)
         with frozen_eval(teacher), BNStatistics(teacher) as bn, memory_format(teacher, self.channels_last):
             if not len(bn):
                 self.stats.notes.append("teacher has no BatchNorm layer: BN-statistics term disabled")
@@ -112,4 +117,4 @@ class PixelInversion(EngineBase):
                                      hint=f"lower inversion.{self.name}.lr or set inversion.{self.name}.nan_retries")
         schedule = PixelSchedule(self.steps, lr, self.betas, self.lr_schedule == "cosine", self.jitter, self.flip)
         return optimise_pixels(x, lambda view: self.loss(teacher, bn, view, targets), schedule, self.pixel_range,
-                               self.stats, progress, self.step_hook)
+                               self.stats, progress, self.step_hook, capture=self.graphed)

@@ -150,6 +150,7 @@ def test_synthesis_speed_reports_every_engine_and_option_ratio():
         assert set(engine["options"]) == expected and all(r > 0 for r in engine["options"].values())
         plan = engine["boundary"]  # the preset's boundary: eager time, what auto chooses there (CPU)
         assert plan["eager_s"] > 0 and plan["auto_compiles"] is True and engine["compile_s"] == {}
+        assert plan["auto_arm"] == "compiled"  # on CUDA: compiled+graphed (cuda_graph: auto)
 
 
 def test_covariance_memory_reports_stored_bytes_fit_and_nll_per_width():
