@@ -210,10 +210,12 @@ def pixel_step(optimizer: torch.optim.Optimizer, loss: Tensor, x: Tensor, low: T
 
 
 def autocast(precision: str, device: torch.device):
-    """Mixed precision for a teacher's forward: `32` (off) or `bf16-mixed`."""
+    """Mixed precision for a teacher's forward: `32` (off) or `bf16-mixed`. Without autocast's weight cache: a
+    step uses each weight once, and a cache filled inside a CUDA graph's capture would outlive its memory
+    (PyTorch's CUDA-graph notes ask for `cache_enabled=False`); the numbers are the same."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed", cache_enabled=False)
 
 
 PRECISIONS = ("32", "bf16-mixed")
@@ -379,7 +381,7 @@ def optimise_pixels(x: Tensor, loss_of_view: PixelLoss, schedule: PixelSchedule,
         pixel_step(optimizer, loss, x, low, high)
         return loss, terms
 
-    run_step = StepGraph(step, capture)
+    run_step = StepGraph(step, capture, progress.engine or "pixel")
     if step_hook is not None:
         step_hook(x.detach(), -1)
     try:

@@ -145,7 +145,7 @@ class GeneratorInversion(EngineBase):
                 self.optimizer.step()
                 return terms
 
-            run_step = StepGraph(step, capture=graphed)
+            run_step = StepGraph(step, capture=graphed, engine=self.name)
             try:
                 for _ in range(self.steps):
                     torch.randn(z.shape, device=device, out=z)

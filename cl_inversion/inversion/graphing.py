@@ -75,8 +75,9 @@ class StepGraph(Generic[Out]):
     (`capture`) eagerly on a side stream for the first `warmup` calls, then captured once and replayed: each
     later call is one `replay()`, and returns the same (static) output tensors, refreshed."""
 
-    def __init__(self, step: Callable[[], Out], capture: bool, warmup: int = GRAPH_WARMUP_STEPS) -> None:
-        self.step, self.capture, self.warmup = step, capture, warmup
+    def __init__(self, step: Callable[[], Out], capture: bool, engine: str = "<engine>",
+                 warmup: int = GRAPH_WARMUP_STEPS) -> None:
+        self.step, self.capture, self.warmup, self.engine = step, capture, warmup, engine
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: Out | None = None
@@ -98,8 +99,12 @@ class StepGraph(Generic[Out]):
             return out
         if self.graph is None:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self.outputs = self.step()
+            try:
+                with torch.cuda.graph(graph):
+                    self.outputs = self.step()
+            except RuntimeError as err:
+                raise RuntimeError(f"capturing the synthesis step in a CUDA graph failed ({err}); set "
+                                   f"inversion.{self.engine}.cuda_graph=false to run it eagerly") from err
             self.graph = graph
         self.graph.replay()
         return self.outputs
