@@ -67,3 +67,19 @@ def student_at_second_task(cls, **kwargs):
     with torch.no_grad():
         m.net.backbone.stem[0].weight.add_(0.05)
     return m
+
+
+def small_teacher(seed: int, n_classes: int):
+    """A SmallCNN classifier on 1×8×8 inputs with BN running statistics of its own, in eval mode: the teacher
+    the synthesis-engine tests invert."""
+    import torch
+
+    from cl_inversion.models import IncrementalClassifier, SmallCNN
+
+    torch.manual_seed(seed)
+    net = IncrementalClassifier(SmallCNN(1, width=4))
+    net.grow(n_classes)
+    net.train()
+    with torch.no_grad():
+        net(torch.randn(32, 1, 8, 8))
+    return net.eval()

@@ -3,6 +3,7 @@ reused across task boundaries (a new teacher of the same architecture: no recomp
 
 import pytest
 import torch
+from helpers import small_teacher
 from hydra.utils import instantiate
 
 from cl_inversion.build import chosen_engine, compose
@@ -91,16 +92,6 @@ def test_auto_compiles_at_the_published_cifar_budgets(preset):
     assert on, name
 
 
-def classifier(seed: int, n_classes: int) -> IncrementalClassifier:
-    torch.manual_seed(seed)
-    net = IncrementalClassifier(SmallCNN(1, width=4))
-    net.grow(n_classes)
-    net.train()
-    with torch.no_grad():
-        net(torch.randn(32, 1, 8, 8))  # BN running statistics of its own
-    return net.eval()
-
-
 def pixel_images(teacher: IncrementalClassifier, compile: bool) -> torch.Tensor:
     torch.manual_seed(1)
     engine = PixelInversion(steps=3, batch_size=8, lr=0.1, progress=False, compile=compile)
@@ -114,7 +105,7 @@ def test_a_later_boundary_reuses_the_compiled_graph_and_gets_its_own_teachers_im
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
-    first, second = classifier(0, 2), classifier(5, 4)
+    first, second = small_teacher(0, 2), small_teacher(5, 4)
     compiled_first = pixel_images(first, True)
     graphs = counters["stats"]["unique_graphs"]
     assert graphs >= 1
@@ -133,17 +124,17 @@ def test_a_fresh_generator_per_boundary_reuses_the_compiled_generator_and_teache
     engine = GeneratorInversion(steps=2, batch_size=8, z_dim=16, keep_across_tasks=False, progress=False,
                                 compile=True)
     engine.setup((1, 8, 8), RANGE)
-    engine.synthesize(classifier(0, 2), [0, 1], 8)
+    engine.synthesize(small_teacher(0, 2), [0, 1], 8)
     graphs = counters["stats"]["unique_graphs"]
     first_generator = engine.generator
-    engine.synthesize(classifier(5, 4), [0, 1, 2, 3], 8)
+    engine.synthesize(small_teacher(5, 4), [0, 1, 2, 3], 8)
     assert engine.generator is not first_generator
     assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_the_cuda_graph_mode_gives_the_eager_images():
     """`compile_mode: reduce-overhead` (CUDA graphs on a GPU; on a CPU Inductor's default code) changes no image."""
-    teacher = classifier(0, 2)
+    teacher = small_teacher(0, 2)
     torch.manual_seed(1)
     engine = PixelInversion(steps=3, batch_size=8, lr=0.1, progress=False, compile=True, compile_mode="reduce-overhead")
     engine.setup((1, 8, 8), RANGE)
@@ -154,7 +145,7 @@ def test_the_cuda_graph_mode_gives_the_eager_images():
 def test_the_compiled_full_model_phase_of_per_layer_gives_the_eager_images():
     from cl_inversion.inversion import PerLayerInversion
 
-    teacher = classifier(0, 2)
+    teacher = small_teacher(0, 2)
 
     def images(compile: bool) -> torch.Tensor:
         torch.manual_seed(1)
@@ -172,7 +163,7 @@ def test_the_compiled_generator_steps_adam_fused_and_lands_where_eager_does():
     checkpoints and eager runs keep the default update); the trained weights equal the eager ones."""
 
     def trained(compile: bool) -> GeneratorInversion:
-        teacher = classifier(0, 2)
+        teacher = small_teacher(0, 2)
         torch.manual_seed(1)
         engine = GeneratorInversion(steps=3, batch_size=8, z_dim=16, progress=False, compile=compile)
         engine.setup((1, 8, 8), RANGE)
@@ -234,7 +225,7 @@ def test_a_kept_generator_alternates_eager_and_compiled_boundaries():
     engine.setup((1, 8, 8), RANGE)
     for compile in (False, True, False):
         engine.compile = compile
-        engine.synthesize(classifier(0, 2), [0, 1], 8)
+        engine.synthesize(small_teacher(0, 2), [0, 1], 8)
     steps = [state["step"] for state in engine.optimizer.state.values()]
     assert steps and all(float(s) == 6 and s.device.type == "cpu" and s.dtype == torch.float32 for s in steps)
     assert engine.optimizer.param_groups[0]["fused"] is None

@@ -9,27 +9,17 @@ import traceback
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import small_teacher
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cl_inversion.inversion import GeneratorInversion, PixelInversion
 from cl_inversion.inversion.common import BNStatistics, clamp_to, jitter_flip, jitter_plan, planned_view
 from cl_inversion.inversion.graphing import GRAPH_MIN_STEPS, StepGraph, check_cuda_graph, use_graphs
-from cl_inversion.models import IncrementalClassifier, SmallCNN
 from cl_inversion.utils.errors import ConfigError
 
 RANGE = (torch.full((1, 1, 1), -1.0), torch.full((1, 1, 1), 2.0))
 #: ops that read a tensor's value back to the host (on a GPU: a synchronisation a CUDA graph cannot hold)
 HOST_READS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique", "aten._unique")
-
-
-def classifier(seed: int, n_classes: int) -> IncrementalClassifier:
-    torch.manual_seed(seed)
-    net = IncrementalClassifier(SmallCNN(1, width=4))
-    net.grow(n_classes)
-    net.train()
-    with torch.no_grad():
-        net(torch.randn(32, 1, 8, 8))  # BN running statistics of its own
-    return net.eval()
 
 
 def test_cuda_graph_setting_is_true_false_or_auto():
@@ -99,7 +89,7 @@ def deepinversion_reference(teacher, targets, steps: int, lr: float, seed: int) 
 
 
 def test_the_pixel_step_gives_deepinversions_images():
-    teacher = classifier(0, 2)
+    teacher = small_teacher(0, 2)
     torch.manual_seed(1)
     engine = PixelInversion(steps=6, batch_size=8, lr=0.1, progress=False, compile=False)
     engine.setup((1, 8, 8), RANGE)
@@ -122,7 +112,7 @@ def abd_reference(teacher, generator, steps: int, batch: int, lr: float) -> None
 
 
 def test_the_generator_step_trains_as_abds_loop():
-    teacher = classifier(0, 2)
+    teacher = small_teacher(0, 2)
     engine = GeneratorInversion(steps=4, batch_size=8, z_dim=16, lr=1e-2, progress=False, compile=False)
     engine.setup((1, 8, 8), RANGE)
     torch.manual_seed(3)
@@ -161,7 +151,7 @@ def test_the_generator_step_reads_nothing_back_to_the_host():
     engine.setup((1, 8, 8), RANGE)
     engine._fresh_generator(torch.device("cpu"), engine.lr)
     with HostReads() as mode:
-        engine._train(classifier(0, 2), 2)  # the one read is the progress bar's, at the last step (a list copy)
+        engine._train(small_teacher(0, 2), 2)  # the one read is the progress bar's, at the last step (a list copy)
     assert mode.reads == []
 
 
@@ -172,7 +162,7 @@ def test_the_pixel_step_reads_nothing_back_to_the_host():
     mode.counting = False
     engine.step_hook = lambda images, step: setattr(mode, "counting", -1 <= step < 4)  # steps 0-3: no log point
     with mode:
-        engine.synthesize(classifier(0, 2), [0, 1], 8)
+        engine.synthesize(small_teacher(0, 2), [0, 1], 8)
     assert mode.reads == []
 
 
@@ -202,5 +192,5 @@ class HostMadeGeneratorLoss(GeneratorInversion):
 def test_the_losses_make_no_tensor_on_the_host(engine_type):
     engine = engine_type(steps=2, batch_size=8, progress=False, compile=False)
     engine.setup((1, 8, 8), RANGE)
-    images, _ = engine.synthesize(classifier(0, 2), [0, 1], 8)
+    images, _ = engine.synthesize(small_teacher(0, 2), [0, 1], 8)
     assert images.device.type == "cpu" and torch.isfinite(images).all()
