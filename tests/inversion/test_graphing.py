@@ -1,6 +1,8 @@
-"""`cuda_graph: auto|true|false`: the setting and its rule, and the step the pixel and generator engines capture —
-on this CPU run as is: it must give the images of DeepInversion's and ABD's loops written out here, and read
-nothing back to the host (what a CUDA graph cannot replay). The capture itself is checked on a GPU (test_gpu.py)."""
+"""`cuda_graph: auto|true|false`: the setting and its rule, and the step the pixel and generator engines capture.
+On this CPU the step runs as is — it must give the images of DeepInversion's and ABD's loops written out here,
+read nothing back to the host and make no tensor there — and replayed from a trace (`ReplayedStep`: what a CUDA
+graph's replay does to a step that rebinds state or reads host values, it does too), where it must give the
+eager images. The capture itself is checked on a GPU (test_gpu.py)."""
 
 from __future__ import annotations
 
@@ -194,3 +196,99 @@ def test_the_losses_make_no_tensor_on_the_host(engine_type):
     engine.setup((1, 8, 8), RANGE)
     images, _ = engine.synthesize(small_teacher(0, 2), [0, 1], 8)
     assert images.device.type == "cpu" and torch.isfinite(images).all()
+
+
+class ReplayedStep(StepGraph):
+    """`StepGraph`'s capture, emulated on a CPU: after the warm-up the step is traced once (`make_fx` on real
+    tensors: every tensor it reads becomes a constant of the trace, as a CUDA graph fixes the memory it reads)
+    and each later call reruns the trace, not the Python. A step that reads a value the host changed instead of
+    a tensor, or rebinds its state instead of updating it in place, drifts from the eager step here as a
+    replayed CUDA graph would."""
+
+    traces = 0
+
+    def __init__(self, step, capture: bool, engine: str = "<engine>", warmup: int = 3) -> None:
+        self.step, self.capture, self.warmup, self.engine = step, capture, warmup, engine
+        self.calls, self.graph, self.outputs, self.side = 0, None, None, None
+
+    def __call__(self):
+        if self.graph is None and self.calls < self.warmup:
+            self.calls += 1
+            return self.step()
+        if self.graph is None:
+            from torch.fx.experimental.proxy_tensor import make_fx
+
+            ReplayedStep.traces += 1
+            traced: list = []
+            self.graph = make_fx(lambda: traced.append(self.step()) or traced[0])()  # runs the step once
+            return traced[0]
+        with torch.no_grad():  # the trace holds the backward's ops: nothing for autograd to record
+            return self.graph()
+
+
+@pytest.fixture
+def fused_adam_steps(monkeypatch):
+    """`steps(replayed)`: the engines' steps with Adam's fused update (its step counts stay tensors, as the
+    capturable update's do on a GPU; PyTorch has no capturable update on a CPU), run eagerly or — `replayed` —
+    on the `cuda_graph` path, the capture emulated by `ReplayedStep`. Both use the same kernels, so the two
+    must agree exactly."""
+    from cl_inversion.inversion import generator, graphing, pixel
+
+    adam_update = graphing.adam_update
+
+    def steps(replayed: bool) -> None:
+        ReplayedStep.traces = 0
+        for module in (graphing, generator):
+            monkeypatch.setattr(module, "adam_update", lambda optimizer, fused=False, capturable=False:
+                                adam_update(optimizer, fused=True))
+            monkeypatch.setattr(module, "StepGraph", ReplayedStep if replayed else StepGraph)
+        for module in (pixel, generator):
+            monkeypatch.setattr(module, "use_graphs", lambda *args: replayed)
+
+    return steps
+
+
+@pytest.mark.parametrize("options", [{}, {"flip": True, "lr_schedule": "cosine"}])
+def test_the_replayed_pixel_step_gives_the_eager_images(fused_adam_steps, options):
+    def images(replayed: bool) -> torch.Tensor:
+        fused_adam_steps(replayed)
+        torch.manual_seed(1)
+        engine = PixelInversion(steps=9, batch_size=8, lr=0.1, progress=False, compile=False, **options)
+        engine.setup((1, 8, 8), RANGE)
+        return engine.synthesize(small_teacher(0, 2), [0, 1], 12)[0]  # a batch of 8, then one of 4
+
+    eager = images(False)
+    replayed = images(True)
+    assert ReplayedStep.traces == 2  # one per batch: 3 warm-up steps, the traced one, 5 replays
+    assert torch.allclose(replayed, eager, rtol=0, atol=1e-6), (replayed - eager).abs().max()
+
+
+def test_the_replayed_generator_step_trains_as_the_eager_one(fused_adam_steps):
+    def trained(replayed: bool) -> GeneratorInversion:
+        fused_adam_steps(replayed)
+        torch.manual_seed(1)
+        engine = GeneratorInversion(steps=9, batch_size=8, z_dim=16, lr=1e-2, progress=False, compile=False)
+        engine.setup((1, 8, 8), RANGE)
+        engine.synthesize(small_teacher(0, 2), [0, 1], 8)
+        return engine
+
+    eager = trained(False)
+    replayed = trained(True)
+    assert ReplayedStep.traces == 1
+    eager_state = eager.generator.state_dict()
+    for name, value in replayed.generator.state_dict().items():  # weights, BN affine and running statistics
+        assert torch.allclose(value.float(), eager_state[name].float(), rtol=0, atol=1e-6), name
+    assert [row["loss"] for row in replayed.stats.curve] == pytest.approx([row["loss"] for row in eager.stats.curve])
+
+
+def test_a_replayed_step_that_rebinds_its_state_drifts():
+    """The emulation can fail: a step that rebinds its state (`x = x + 1`) is replayed on the state it was
+    traced with, as a CUDA graph would be."""
+    state = {"x": torch.zeros(())}
+
+    def step() -> torch.Tensor:
+        state["x"] = state["x"] + 1
+        return state["x"]
+
+    graph = ReplayedStep(step, capture=True)
+    assert [float(graph()) for _ in range(6)] == [1, 2, 3, 4, 4, 4]
