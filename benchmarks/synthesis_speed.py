@@ -20,9 +20,9 @@ median of R rounds kept; ratios are arm / `eager` (below 1: faster):
 * `before`     — the step as it was before the fast path: two-pass BN variance (`x.var(unbiased=False)`)
                  and one host read of the loss every step (the old NaN guard), patched into the same code;
 * `channels_last`, `bf16-mixed` — the option switched on (pixel and generator; bf16 for per_layer);
-* on CUDA, pixel and generator: `graphed` (`cuda_graph: true`: the whole step captured and replayed,
-  graphing.py; its 3 warm-up steps and the capture are inside each timed run, so use N in the hundreds
-  there) and `graphed+bf16-mixed`;
+* on CUDA: `graphed` (`cuda_graph: true`: the whole step captured and replayed, graphing.py; its 3 warm-up
+  steps and the capture are inside each timed run, so use N in the hundreds there), and for pixel and
+  generator `graphed+bf16-mixed`;
 * with `--compile`: `compiled` (`compile: true`), for the generator also `compiled+channels_last`, and on
   CUDA `compiled+graphed` and `inductor-graphs` (`compile_mode: reduce-overhead`: Inductor's own CUDA graphs
   around the compiled regions only). Compiling is timed apart, cold: each compiled arm first compiles in a
@@ -138,9 +138,10 @@ def generator_runner(teacher: nn.Module, steps: int, batch: int, **options: Any)
 
 
 def per_layer_runner(teacher: nn.Module, steps: int, batch: int, **options: Any) -> Callable[[], None]:
-    engine = PerLayerInversion(layer_steps=0, full_steps=steps, batch_size=batch, progress=False, **options)
+    engine = PerLayerInversion(layer_steps=0, full_steps=steps, batch_size=batch, progress=False,
+                               **{"cuda_graph": False, **options})
     engine.setup(SHAPE, PIXEL_RANGE)
-    engine.compile_now = engine.compile is True
+    engine.compile_now, engine.graphs_now = engine.compile is True, engine.cuda_graph is True
     dim = teacher.backbone.feature_dim
     device = device_of(teacher)
     labels = torch.arange(N_CLASSES, device=device).repeat(batch // N_CLASSES + 1)[:batch]
@@ -161,7 +162,8 @@ ENGINES = {
 }
 #: CUDA only, for the engines with a `cuda_graph` setting: the whole step captured (graphing.py)
 GRAPHED_ARMS = {"pixel": ["graphed", "compiled+graphed", "graphed+bf16-mixed"],
-                "generator": ["graphed", "compiled+graphed", "graphed+bf16-mixed"], "per_layer": []}
+                "generator": ["graphed", "compiled+graphed", "graphed+bf16-mixed"],
+                "per_layer": ["graphed", "compiled+graphed"]}
 ARM_OPTIONS = {"eager": {}, "before": {}, "channels_last": {"channels_last": True},
                "bf16-mixed": {"precision": "bf16-mixed"}, "compiled": {"compile": True},
                "compiled+channels_last": {"compile": True, "channels_last": True},

@@ -67,12 +67,14 @@ from cl_inversion.inversion.common import (
     autocast,
     frozen_eval,
     retry_on_nan,
+    set_lr,
     total_variation_l2,
 )
 from cl_inversion.inversion.compiling import check_compile, compiled_teacher
 from cl_inversion.inversion.covariance import LaplaceCovariance, LaplaceNLL, StreamingCovariance, blended_correlation
 from cl_inversion.inversion.engine import EngineBase
 from cl_inversion.inversion.features import FeatureModel, extract_features
+from cl_inversion.inversion.graphing import GRAPH_WARMUP_STEPS, StepGraph, adam_update, check_cuda_graph, use_graphs
 from cl_inversion.inversion.openset import OpenSetModel
 from cl_inversion.inversion.replay import BufferReplay
 from cl_inversion.inversion.tokens import (
@@ -257,14 +259,20 @@ class PerLayerInversion(EngineBase):
                  input_tv_weight: float = 0.0, per_class: int = 0, boost_rate: int = 1, refit_old: bool = True,
                  stats_source: str = "previous", merge_limit: int | None = 14,
                  replay_replacement: bool = False, open_set: dict | None = None, compile: bool | str = "auto",
-                 compile_mode: str = "default") -> None:
+                 compile_mode: str = "default", cuda_graph: bool | str = "auto") -> None:
         super().__init__()
         #: torch.compile of the full-model phase's teacher (`compiling.py`); `auto` decides per boundary
         self.compile, self.compile_mode = check_compile(compile, compile_mode, self.name), compile_mode
         self.compile_now = False  # this boundary's choice
+        #: every phase's step captured in a CUDA graph on a GPU (`graphing.py`); convolutional teachers only
+        self.cuda_graph = check_cuda_graph(cuda_graph, compile_mode, self.name)
+        self.graphs_now = False  # this boundary's choice
         #: PMI's open-set step on CLIP (`openset.py`): its options, or None
         self.open_set = OpenSetModel(**open_set, merge_limit=merge_limit) if open_set else None
         check_vit_options(statistics, full_schedule, start_block)
+        if self.cuda_graph is True and statistics != "batchnorm":
+            raise ConfigError(f"cuda_graph=true: the phases of statistics={statistics!r} (a vision transformer) are "
+                              "not captured; set cuda_graph=false or auto")
         self.statistics, self.start_block = statistics, start_block
         self.start_steps = layer_steps if start_steps is None else start_steps
         self.start_lr = layer_lr if start_lr is None else start_lr
@@ -392,6 +400,7 @@ class PerLayerInversion(EngineBase):
                                         "the feature targets carry the alignment")
             step = self.layer_batch if self.statistics == "data" else self.batch_size
             self.compile_now = self.statistics == "batchnorm" and self.compiles(teacher, len(labels))
+            self.graphs_now = self.graphs(teacher)
             for start in range(0, len(labels), step):
                 f = targets[start : start + step].to(device)
                 y = labels[start : start + step].to(device)
@@ -410,6 +419,7 @@ class PerLayerInversion(EngineBase):
         device = next(teacher.parameters()).device
         raw.to(device)
         self.stats = SynthesisStats()
+        self.graphs_now = self.graphs(raw)
         self.block_losses, kept = [], (self.token_stats, self.bn_weight, self.input_tv_weight)
         self.token_stats, self.bn_weight = self.open_set.tokens, self.open_set.bn_weight
         self.input_tv_weight = self.open_set.input_tv_weight
@@ -420,6 +430,15 @@ class PerLayerInversion(EngineBase):
         finally:
             self.token_stats, self.bn_weight, self.input_tv_weight = kept
         return torch.cat(chunks).cpu(), labels
+
+    def graphs(self, teacher: nn.Module) -> bool:
+        """Whether this boundary's phases run captured (`cuda_graph`; the phases' shortest steps decide `auto`).
+        A vision transformer's phases (`statistics: data`) stay eager: their replay is not tested yet."""
+        if self.statistics != "batchnorm":
+            return False
+        steps = min(self.layer_steps or self.full_steps, self.full_steps)
+        return use_graphs(self.cuda_graph, steps, next(teacher.parameters()).device, self.compile_mode,
+                          self.stats.notes, self.name)
 
     def invert_batch(self, teacher: nn.Module, target_features: Tensor, labels: Tensor,
                      lr_scale: float = 1.0) -> Tensor:
@@ -616,9 +635,12 @@ class PerLayerInversion(EngineBase):
         device. CLIP's loop adds: at `upsample_at` steps the input doubles (bicubic, ≤ `upsample_cap`), Adam
         restarts; `tv_weight`·`total_variation_4(x)` joins both losses; `keep_best` overrides the engine's."""
         keep_best = self.keep_best if keep_best is None else keep_best
+        # captured when a replay follows the warm-up, and not where the input grows (its shapes change)
+        capture = self.graphs_now and not upsample_at and steps > GRAPH_WARMUP_STEPS
         x = start.detach().clone().requires_grad_(True)
-        optimizer = torch.optim.Adam([x], lr=lr_at(0))
         device = x.device
+        lr = torch.full((), lr_at(0), device=device) if capture else lr_at(0)
+        optimizer = torch.optim.Adam([x], lr=lr)
         alpha_mse = torch.ones((), device=device)
         alpha_bn = torch.full((), float(weight), device=device)
         alpha_in = torch.full((), float(weight), device=device)
@@ -626,22 +648,20 @@ class PerLayerInversion(EngineBase):
         first: dict[str, Tensor] = {}
         best_loss = torch.full((), float("inf"), dtype=torch.float64, device=device)
         best_x = x.detach().clone()
-        for i in range(steps):
-            if i in upsample_at:
-                x = upsample(x.detach(), min(2 * x.shape[-1], upsample_cap)).requires_grad_(True)
-                optimizer = torch.optim.Adam([x], lr=lr_at(i))
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(i)
+        at = [0]  # the step's index: step 0 records the first terms (a warm-up step when captured)
+
+        def step() -> tuple[Tensor, Tensor, Tensor]:
+            nonlocal best_x
             out = forward(x)
             l_mse = relative_mse(out, target) if mse == "relative" else F.mse_loss(out, target)
             l_bn = bn.kl() if len(bn) else zero
             l_in = prior(x) if prior is not None else zero
-            if i == 0:
-                first = {"mse": l_mse.detach(), "bn": l_bn.detach(), "in": l_in.detach()}
-            elif self.boost:
-                alpha_mse = torch.where(l_mse.detach() > first["mse"], (2 * alpha_mse).clamp(max=10.0), alpha_mse)
-                alpha_bn = torch.where(l_bn.detach() > first["bn"], (2 * alpha_bn).clamp(max=10 * base), alpha_bn)
-                alpha_in = torch.where(l_in.detach() > first["in"], (2 * alpha_in).clamp(max=5 * base), alpha_in)
+            if at[0] == 0:
+                first.update(mse=l_mse.detach(), bn=l_bn.detach(), **{"in": l_in.detach()})
+            elif self.boost:  # the weights update in place: a replayed step reads them where the last one left them
+                alpha_mse.copy_(torch.where(l_mse.detach() > first["mse"], (2 * alpha_mse).clamp(max=10.0), alpha_mse))
+                alpha_bn.copy_(torch.where(l_bn.detach() > first["bn"], (2 * alpha_bn).clamp(max=10 * base), alpha_bn))
+                alpha_in.copy_(torch.where(l_in.detach() > first["in"], (2 * alpha_in).clamp(max=5 * base), alpha_in))
             l_lap = torch.stack([hook.nll() for hook in laplace]).mean() if laplace else zero
             loss = alpha_mse * l_mse + alpha_bn * l_bn + self.laplace_weight * l_lap + alpha_in * l_in
             l_tv = total_variation_4(x) if tv_weight else zero
@@ -655,12 +675,26 @@ class PerLayerInversion(EngineBase):
                         + self.laplace_weight * l_lap.detach().double() + base * l_in.detach().double()
                         + tv_weight * l_tv.detach().double())
             better = compared < best_loss
-            best_loss = torch.where(better, compared, best_loss)
-            best_x = kept_iterate(best_x, x.detach(), better)
-            self.stats.full_model_passes += share
-            progress.update({**tags, "mse": l_mse, "bn": l_bn}, loss)
-            if step_hook is not None:
-                step_hook(x.detach(), i)
+            best_loss.copy_(torch.where(better, compared, best_loss))
+            if best_x.shape == x.shape:
+                best_x.copy_(kept_iterate(best_x, x.detach(), better))
+            else:
+                best_x = kept_iterate(best_x, x.detach(), better)
+            return loss, l_mse, l_bn
+
+        run_step = StepGraph(step, capture, self.name)
+        with adam_update(optimizer, capturable=capture):
+            for i in range(steps):
+                if i in upsample_at:
+                    x = upsample(x.detach(), min(2 * x.shape[-1], upsample_cap)).requires_grad_(True)
+                    optimizer = torch.optim.Adam([x], lr=lr_at(i))
+                set_lr(optimizer, lr_at(i))
+                at[0] = i
+                loss, l_mse, l_bn = run_step()
+                self.stats.full_model_passes += share
+                progress.update({**tags, "mse": l_mse, "bn": l_bn}, loss)
+                if step_hook is not None:
+                    step_hook(x.detach(), i)
         kept = best_x if keep_best else x.detach()
         return kept, best_loss, first["mse"] if first else torch.full((), float("nan"))
 

@@ -153,8 +153,10 @@ class StatisticHooks(InputHooks):
         super().__init__(modules)
 
     def kl(self) -> Tensor:
-        return torch.stack([position_kl(x, m.to(x.device), v.to(x.device), 0.0)
-                            for x, (m, v) in zip(self.inputs, self.stats)]).sum()
+        device = self.inputs[0].device
+        if self.stats and self.stats[0][0].device != device:  # once, at the first step: none copied in a later one
+            self.stats = [(m.to(device), v.to(device)) for m, v in self.stats]
+        return torch.stack([position_kl(x, m, v, 0.0) for x, (m, v) in zip(self.inputs, self.stats)]).sum()
 
 
 def upsample(x: Tensor, size: int) -> Tensor:

@@ -48,6 +48,15 @@ def test_auto_captures_on_cuda_only_and_true_refuses_a_cpu():
         use_graphs(True, 100, cpu, "default", notes, "generator")
 
 
+def test_per_layer_captures_convolutional_teachers_only():
+    from cl_inversion.inversion import PerLayerInversion
+
+    with pytest.raises(ConfigError, match="cuda_graph=true: the phases of statistics='data'"):
+        PerLayerInversion(statistics="data", start_block=1, cuda_graph=True)
+    vit = PerLayerInversion(statistics="data", start_block=1)  # auto: eager, on any device
+    assert vit.cuda_graph == "auto" and not vit.graphs(small_teacher(0, 2))
+
+
 def test_a_step_graph_without_capture_is_the_step():
     calls = []
     graph = StepGraph(lambda: calls.append(1) or len(calls), capture=False)
@@ -232,17 +241,17 @@ def fused_adam_steps(monkeypatch):
     capturable update's do on a GPU; PyTorch has no capturable update on a CPU), run eagerly or — `replayed` —
     on the `cuda_graph` path, the capture emulated by `ReplayedStep`. Both use the same kernels, so the two
     must agree exactly."""
-    from cl_inversion.inversion import generator, graphing, pixel
+    from cl_inversion.inversion import generator, graphing, per_layer, pixel
 
     adam_update = graphing.adam_update
 
     def steps(replayed: bool) -> None:
         ReplayedStep.traces = 0
-        for module in (graphing, generator):
+        for module in (graphing, generator, per_layer):
             monkeypatch.setattr(module, "adam_update", lambda optimizer, fused=False, capturable=False:
                                 adam_update(optimizer, fused=True))
             monkeypatch.setattr(module, "StepGraph", ReplayedStep if replayed else StepGraph)
-        for module in (pixel, generator):
+        for module in (pixel, generator, per_layer):
             monkeypatch.setattr(module, "use_graphs", lambda *args: replayed)
 
     return steps
@@ -279,6 +288,30 @@ def test_the_replayed_generator_step_trains_as_the_eager_one(fused_adam_steps):
     for name, value in replayed.generator.state_dict().items():  # weights, BN affine and running statistics
         assert torch.allclose(value.float(), eager_state[name].float(), rtol=0, atol=1e-6), name
     assert [row["loss"] for row in replayed.stats.curve] == pytest.approx([row["loss"] for row in eager.stats.curve])
+
+
+@pytest.mark.parametrize("options", [{}, {"boost": False, "keep_best": False, "ce_weight": 0.5, "tv_weight": 1e-4}])
+def test_the_replayed_per_layer_phases_give_the_eager_images(fused_adam_steps, options):
+    """PMI's per-block phase (every block: its start, BN-input KL and prior, boosted weights, the best iterate kept)
+    and full-model phase (warm-up then multi-step learning rate), each step replayed after the warm-up."""
+    from cl_inversion.inversion import PerLayerInversion
+
+    teacher = small_teacher(0, 2)
+
+    def images(replayed: bool) -> torch.Tensor:
+        fused_adam_steps(replayed)
+        torch.manual_seed(1)
+        engine = PerLayerInversion(layer_steps=6, full_steps=9, batch_size=8, warmup=2, milestones=[3, 5],
+                                   progress=False, compile=False, **options)
+        engine.setup((1, 8, 8), RANGE)
+        engine.graphs_now = engine.graphs(teacher)
+        targets = torch.randn(8, teacher.backbone.feature_dim)
+        return engine.invert_batch(teacher, targets, torch.tensor([0, 1] * 4))
+
+    eager = images(False)
+    replayed = images(True)
+    assert ReplayedStep.traces == len(teacher.backbone.blocks()) + 1
+    assert torch.allclose(replayed, eager, rtol=0, atol=1e-5), (replayed - eager).abs().max()
 
 
 def test_a_replayed_step_that_rebinds_its_state_drifts():
