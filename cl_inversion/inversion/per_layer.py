@@ -212,6 +212,41 @@ def kept_iterate(best: Tensor, x: Tensor, better: Tensor) -> Tensor:
     return x.clone() if bool(better) else best
 
 
+class LoopState:
+    """What PMI's loop carries from step to step, on the device and updated in place (a replayed CUDA graph reads
+    it where the last step left it): the weights α (mse from 1, bn and in from `weight`), the first step's terms,
+    the lowest compared loss and the iterate after that step."""
+
+    CAPS = {"mse": lambda base: 10.0, "bn": lambda base: 10 * base, "in": lambda base: 5 * base}
+
+    def __init__(self, x: Tensor, weight: float) -> None:
+        device = x.device
+        self.alpha = {"mse": torch.ones((), device=device), "bn": torch.full((), float(weight), device=device),
+                      "in": torch.full((), float(weight), device=device)}
+        self.first: dict[str, Tensor] = {}
+        self.best_loss = torch.full((), float("inf"), dtype=torch.float64, device=device)
+        self.best_x = x.detach().clone()
+
+    def weigh(self, terms: dict[str, Tensor], boost: bool, base: float) -> None:
+        """The first step records its terms; with `boost`, a later step whose term exceeds its first value doubles
+        that term's α, up to 10 (mse), 10·base (bn) and 5·base (in)."""
+        if not self.first:
+            self.first.update({name: term.detach() for name, term in terms.items()})
+        elif boost:
+            for name, alpha in self.alpha.items():
+                doubled = (2 * alpha).clamp(max=self.CAPS[name](base))
+                alpha.copy_(torch.where(terms[name].detach() > self.first[name], doubled, alpha))
+
+    def keep(self, compared: Tensor, x: Tensor) -> None:
+        """Keep `x` (the iterate after the step) and `compared` (its step's loss) if that loss is the lowest yet."""
+        better = compared < self.best_loss
+        self.best_loss.copy_(torch.where(better, compared, self.best_loss))
+        if self.best_x.shape == x.shape:
+            self.best_x.copy_(kept_iterate(self.best_x, x, better))
+        else:  # CLIP's grown input: rebound, never captured
+            self.best_x = kept_iterate(self.best_x, x, better)
+
+
 def check_options(precision: str, layer_steps: int, full_steps: int, feature_targets: str, block_mse: str,
                   batch_size: int) -> None:
     """The engine's choices and counts, refused with the field and what is allowed."""
@@ -229,7 +264,10 @@ def check_options(precision: str, layer_steps: int, full_steps: int, feature_tar
         raise ConfigError(f"inversion.per_layer.batch_size={batch_size}: must be >= 1")
 
 
-def check_vit_options(statistics: str, full_schedule: str, start_block: int) -> None:
+def check_vit_options(statistics: str, full_schedule: str, start_block: int, cuda_graph: bool | str) -> None:
+    if cuda_graph is True and statistics != "batchnorm":
+        raise ConfigError(f"cuda_graph=true: the phases of statistics={statistics!r} (a vision transformer) are "
+                          "not captured; set cuda_graph=false or auto")
     if statistics not in STATISTICS or full_schedule not in FULL_SCHEDULES:
         raise ConfigError(f"inversion.per_layer.statistics={statistics!r} / full_schedule={full_schedule!r}: "
                           f"choose from {', '.join(STATISTICS)} / {', '.join(FULL_SCHEDULES)}")
@@ -269,10 +307,7 @@ class PerLayerInversion(EngineBase):
         self.graphs_now = False  # this boundary's choice
         #: PMI's open-set step on CLIP (`openset.py`): its options, or None
         self.open_set = OpenSetModel(**open_set, merge_limit=merge_limit) if open_set else None
-        check_vit_options(statistics, full_schedule, start_block)
-        if self.cuda_graph is True and statistics != "batchnorm":
-            raise ConfigError(f"cuda_graph=true: the phases of statistics={statistics!r} (a vision transformer) are "
-                              "not captured; set cuda_graph=false or auto")
+        check_vit_options(statistics, full_schedule, start_block, self.cuda_graph)
         self.statistics, self.start_block = statistics, start_block
         self.start_steps = layer_steps if start_steps is None else start_steps
         self.start_lr = layer_lr if start_lr is None else start_lr
@@ -638,32 +673,19 @@ class PerLayerInversion(EngineBase):
         # captured when a replay follows the warm-up, and not where the input grows (its shapes change)
         capture = self.graphs_now and not upsample_at and steps > GRAPH_WARMUP_STEPS
         x = start.detach().clone().requires_grad_(True)
-        device = x.device
-        lr = torch.full((), lr_at(0), device=device) if capture else lr_at(0)
+        lr = torch.full((), lr_at(0), device=x.device) if capture else lr_at(0)
         optimizer = torch.optim.Adam([x], lr=lr)
-        alpha_mse = torch.ones((), device=device)
-        alpha_bn = torch.full((), float(weight), device=device)
-        alpha_in = torch.full((), float(weight), device=device)
-        zero = torch.zeros((), device=device)
-        first: dict[str, Tensor] = {}
-        best_loss = torch.full((), float("inf"), dtype=torch.float64, device=device)
-        best_x = x.detach().clone()
-        at = [0]  # the step's index: step 0 records the first terms (a warm-up step when captured)
+        state, zero = LoopState(x, weight), torch.zeros((), device=x.device)
 
         def step() -> tuple[Tensor, Tensor, Tensor]:
-            nonlocal best_x
             out = forward(x)
-            l_mse = relative_mse(out, target) if mse == "relative" else F.mse_loss(out, target)
-            l_bn = bn.kl() if len(bn) else zero
-            l_in = prior(x) if prior is not None else zero
-            if at[0] == 0:
-                first.update(mse=l_mse.detach(), bn=l_bn.detach(), **{"in": l_in.detach()})
-            elif self.boost:  # the weights update in place: a replayed step reads them where the last one left them
-                alpha_mse.copy_(torch.where(l_mse.detach() > first["mse"], (2 * alpha_mse).clamp(max=10.0), alpha_mse))
-                alpha_bn.copy_(torch.where(l_bn.detach() > first["bn"], (2 * alpha_bn).clamp(max=10 * base), alpha_bn))
-                alpha_in.copy_(torch.where(l_in.detach() > first["in"], (2 * alpha_in).clamp(max=5 * base), alpha_in))
+            terms = {"mse": relative_mse(out, target) if mse == "relative" else F.mse_loss(out, target),
+                     "bn": bn.kl() if len(bn) else zero, "in": prior(x) if prior is not None else zero}
+            state.weigh(terms, self.boost, base)
+            alpha = state.alpha
             l_lap = torch.stack([hook.nll() for hook in laplace]).mean() if laplace else zero
-            loss = alpha_mse * l_mse + alpha_bn * l_bn + self.laplace_weight * l_lap + alpha_in * l_in
+            loss = (alpha["mse"] * terms["mse"] + alpha["bn"] * terms["bn"] + self.laplace_weight * l_lap
+                    + alpha["in"] * terms["in"])
             l_tv = total_variation_4(x) if tv_weight else zero
             loss = loss + tv_weight * l_tv if tv_weight else loss
             if extra is not None:
@@ -671,16 +693,10 @@ class PerLayerInversion(EngineBase):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            compared = (l_mse.detach().double() + base * l_bn.detach().double()
-                        + self.laplace_weight * l_lap.detach().double() + base * l_in.detach().double()
-                        + tv_weight * l_tv.detach().double())
-            better = compared < best_loss
-            best_loss.copy_(torch.where(better, compared, best_loss))
-            if best_x.shape == x.shape:
-                best_x.copy_(kept_iterate(best_x, x.detach(), better))
-            else:
-                best_x = kept_iterate(best_x, x.detach(), better)
-            return loss, l_mse, l_bn
+            held = {k: t.detach().double() for k, t in terms.items()}
+            state.keep(held["mse"] + base * held["bn"] + self.laplace_weight * l_lap.detach().double()
+                       + base * held["in"] + tv_weight * l_tv.detach().double(), x.detach())
+            return loss, terms["mse"], terms["bn"]
 
         run_step = StepGraph(step, capture, self.name)
         with adam_update(optimizer, capturable=capture):
@@ -689,14 +705,13 @@ class PerLayerInversion(EngineBase):
                     x = upsample(x.detach(), min(2 * x.shape[-1], upsample_cap)).requires_grad_(True)
                     optimizer = torch.optim.Adam([x], lr=lr_at(i))
                 set_lr(optimizer, lr_at(i))
-                at[0] = i
                 loss, l_mse, l_bn = run_step()
                 self.stats.full_model_passes += share
                 progress.update({**tags, "mse": l_mse, "bn": l_bn}, loss)
                 if step_hook is not None:
                     step_hook(x.detach(), i)
-        kept = best_x if keep_best else x.detach()
-        return kept, best_loss, first["mse"] if first else torch.full((), float("nan"))
+        kept = state.best_x if keep_best else x.detach()
+        return kept, state.best_loss, state.first.get("mse", torch.full((), float("nan")))
 
     def _block_costs_of(self, teacher: nn.Module, blocks: list[nn.Module], device: torch.device):
         """One FLOP probe per teacher, not per batch (a new teacher drops the old entry)."""
