@@ -205,7 +205,8 @@ def boundary(engine: str, ms: dict[str, float], compile_s: dict[str, float], bat
     compiled = plan["steps"] * ms[compiled_arm] * scale / 1000
     uncompiled = plan["steps"] * ms[eager_arm] * scale / 1000
     first, later = (compiled + compile_s[compiled_arm], compiled) if auto else (uncompiled, uncompiled)
-    saved_per_flop = (ms["eager"] - ms["compiled"]) / 1000 / planned_flop(1, batch, flops)
+    saved = ms["eager"] - ms.get("compiled", ms["eager"])  # the CPU rule's break-even: compiled against eager
+    saved_per_flop = saved / 1000 / planned_flop(1, batch, flops)
     out.update(auto_first_s=round(first, 1), auto_later_s=round(later, 1), auto_first_ratio=round(first / eager, 4),
                auto_later_ratio=round(later / eager, 4),
                break_even_flop=float(f"{compile_s['compiled'] / saved_per_flop:.3g}") if saved_per_flop > 0 else None)

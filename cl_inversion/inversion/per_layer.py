@@ -205,19 +205,10 @@ def observed_targets(features: Tensor, feature_labels: Tensor, labels: Tensor) -
     return targets
 
 
-def kept_iterate(best: Tensor, x: Tensor, better: Tensor) -> Tensor:
-    """`x` where `better`, else `best`, on the device; a host read only once the input has grown (CLIP)."""
-    if best.shape == x.shape:
-        return torch.where(better, x, best)
-    return x.clone() if bool(better) else best
-
-
 class LoopState:
     """What PMI's loop carries from step to step, on the device and updated in place (a replayed CUDA graph reads
     it where the last step left it): the weights α (mse from 1, bn and in from `weight`), the first step's terms,
     the lowest compared loss and the iterate after that step."""
-
-    CAPS = {"mse": lambda base: 10.0, "bn": lambda base: 10 * base, "in": lambda base: 5 * base}
 
     def __init__(self, x: Tensor, weight: float) -> None:
         device = x.device
@@ -233,18 +224,20 @@ class LoopState:
         if not self.first:
             self.first.update({name: term.detach() for name, term in terms.items()})
         elif boost:
+            caps = {"mse": 10.0, "bn": 10 * base, "in": 5 * base}
             for name, alpha in self.alpha.items():
-                doubled = (2 * alpha).clamp(max=self.CAPS[name](base))
+                doubled = (2 * alpha).clamp(max=caps[name])
                 alpha.copy_(torch.where(terms[name].detach() > self.first[name], doubled, alpha))
 
     def keep(self, compared: Tensor, x: Tensor) -> None:
-        """Keep `x` (the iterate after the step) and `compared` (its step's loss) if that loss is the lowest yet."""
+        """Keep `x` (the iterate after the step) and `compared` (its step's loss) if that loss is the lowest yet, on
+        the device; a host read only once the input has grown (CLIP's start block, never captured)."""
         better = compared < self.best_loss
         self.best_loss.copy_(torch.where(better, compared, self.best_loss))
         if self.best_x.shape == x.shape:
-            self.best_x.copy_(kept_iterate(self.best_x, x, better))
-        else:  # CLIP's grown input: rebound, never captured
-            self.best_x = kept_iterate(self.best_x, x, better)
+            self.best_x.copy_(torch.where(better, x, self.best_x))
+        elif bool(better):
+            self.best_x = x.clone()
 
 
 def check_options(precision: str, layer_steps: int, full_steps: int, feature_targets: str, block_mse: str,
